@@ -1,0 +1,197 @@
+"""One close in flight: its options, its deadlines and its report.
+
+Every wait of a close is measured against the same two deadlines (the drain bound and the
+close bound), so the bounds of successive steps never add up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .report import CloseReport, StepRecord, stuck_task, task_name
+
+T = TypeVar("T")
+
+# time kept back at the end of the close bound for the final stream sweep
+SWEEP_RESERVE = 0.25
+# after force-cancelling, how long a task may take to unwind before it counts as a zombie
+UNWIND_GRACE = 0.5
+# room kept for the models' teardown after the drain, beyond the final-transcript wait
+TEARDOWN_RESERVE = 0.5
+
+
+def _check_timeout(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Options:
+    """The two bounds of a forced close, validated once."""
+
+    drain_timeout: float = 5.0
+    close_timeout: float = 10.0
+
+    @classmethod
+    def validated(cls, drain_timeout: object = 5.0, close_timeout: object = 10.0) -> Options:
+        d = _check_timeout("drain_timeout", drain_timeout)
+        c = _check_timeout("close_timeout", close_timeout)
+        if d > c:
+            raise ValueError(f"drain_timeout ({d}) must be <= close_timeout ({c})")
+        return cls(d, c)
+
+
+class CloseRun:
+    """State of one session close, shared by every caller that joins it."""
+
+    def __init__(
+        self,
+        *,
+        session_label: str,
+        options: Options,
+        reason: str,
+        drain: bool,
+        transcript_timeout: float,
+    ) -> None:
+        self.options = options
+        self.graceful = drain
+        self.transcript_timeout = transcript_timeout
+        self.t0 = time.monotonic()
+        self.report = CloseReport(
+            session=session_label,
+            reason=reason,
+            drain_requested=drain,
+            drain_timeout=options.drain_timeout,
+            close_timeout=options.close_timeout,
+        )
+        self.changed = asyncio.Event()
+        # tasks that await the close itself (a tool calling aclose()): never waited for
+        self.waiters: set[asyncio.Task[Any]] = set()
+        self.task: asyncio.Task[None] | None = None
+        self.drain_deadline = math.inf
+        self.close_deadline = math.inf
+        if not drain:
+            self._start_clock(self.t0)
+
+    # -- deadlines -------------------------------------------------------------------
+    def drain_budget(self) -> float:
+        """The drain bound, shrunk so the final-transcript wait still fits in the close
+        bound: that wait belongs to a healthy close and is never cut."""
+        o = self.options
+        room = o.close_timeout - self.transcript_timeout - TEARDOWN_RESERVE - SWEEP_RESERVE
+        return max(0.0, min(o.drain_timeout, room))
+
+    def _start_clock(self, now: float) -> None:
+        self.drain_deadline = now + self.drain_budget()
+        self.close_deadline = now + self.options.close_timeout
+
+    def escalate(self) -> None:
+        """A forced close joined a graceful one: from now on the bounds apply."""
+        if not self.graceful:
+            return
+        self.graceful = False
+        self.report.escalated = True
+        now = time.monotonic()
+        self.drain_deadline = min(self.drain_deadline, now + self.drain_budget())
+        self.close_deadline = min(self.close_deadline, now + self.options.close_timeout)
+        self.changed.set()
+
+    def graceful_drain_done(self) -> None:
+        """The graceful drain ended: the teardown after it is bounded like any other."""
+        if math.isinf(self.close_deadline):
+            now = time.monotonic()
+            self.close_deadline = now + self.options.close_timeout
+            self.drain_deadline = now
+            self.changed.set()
+
+    def steps_deadline(self) -> float:
+        return self.close_deadline - SWEEP_RESERVE
+
+    @staticmethod
+    def left(deadline: float) -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    # -- waiting -----------------------------------------------------------------------
+    async def wait(self, task: asyncio.Future[Any], deadline: float) -> bool:
+        """Wait for ``task`` until ``deadline`` (monotonic). Never cancels it, never hangs
+        on a task that swallows cancellation. True when it finished."""
+        if task.done():
+            return True
+        if math.isinf(deadline):
+            await asyncio.wait({task})
+            return True
+        await asyncio.wait({task}, timeout=self.left(deadline))
+        return task.done()
+
+    async def wait_phase(self, fut: asyncio.Future[Any], phase: str) -> bool:
+        """Wait for ``fut`` under the bound of ``phase`` (``"drain"`` or ``"close"``).
+
+        A graceful drain waits without a bound, but wakes when a forced close escalates
+        it, so the bound applies from then on. True when ``fut`` finished."""
+        while not fut.done():
+            self.changed.clear()
+            if phase == "drain":
+                deadline = math.inf if self.graceful else self.drain_deadline
+            else:
+                deadline = self.steps_deadline()
+            waiter = asyncio.ensure_future(self.changed.wait())
+            try:
+                timeout = None if math.isinf(deadline) else self.left(deadline)
+                await asyncio.wait({fut, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if fut.done():
+                return True
+            if not self.changed.is_set():
+                return False
+        return True
+
+    async def step(
+        self,
+        name: str,
+        aw: Awaitable[T],
+        *,
+        deadline: float | None = None,
+    ) -> T | None:
+        """Run one teardown step bounded by ``deadline`` (default: the close bound).
+
+        On timeout the step is cancelled once and abandoned, not awaited: a step that
+        swallows cancellation must not hold the whole close."""
+        deadline = self.steps_deadline() if deadline is None else deadline
+        start = time.monotonic()
+        task: asyncio.Future[T] = asyncio.ensure_future(aw)
+        finished = await self.wait(task, deadline)
+        ms = (time.monotonic() - start) * 1000
+        if not finished:
+            if isinstance(task, asyncio.Task):
+                self.report.stuck.append(stuck_task(task))
+            task.cancel()
+            self.report.abandoned.append(name)
+            self.report.forced = True
+            self.record(name, ms, "abandoned")
+            return None
+        if task.cancelled():
+            self.record(name, ms, "done", "cancelled")
+            return None
+        exc = task.exception()
+        if exc is not None:
+            self.record(name, ms, "error", f"{type(exc).__name__}: {exc}")
+            return None
+        self.record(name, ms, "done")
+        self.report.torn_down.append(name)
+        return task.result()
+
+    def record(self, name: str, ms: float, outcome: Any, detail: str = "") -> None:
+        self.report.steps.append(StepRecord(name=name, ms=round(ms, 1), outcome=outcome, detail=detail))
+
+    def note_cancelled(self, tasks: list[asyncio.Task[Any]]) -> None:
+        self.report.cancelled.extend(task_name(t) for t in tasks)

@@ -1,0 +1,1 @@
+"""Test support: fault-injecting fakes, the scenario catalogue and the pytest plugin."""
