@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from . import streams as streams_mod
 from .report import CloseReport, StepRecord, stuck_task, task_name
 
 T = TypeVar("T")
@@ -23,6 +24,12 @@ SWEEP_RESERVE = 0.25
 UNWIND_GRACE = 0.5
 # room kept for the models' teardown after the drain, beyond the final-transcript wait
 TEARDOWN_RESERVE = 0.5
+# how long closing the models may take (beyond the final-transcript wait) before the
+# session's streams are stopped from outside
+MODEL_CLOSE_ALLOWANCE = 1.0
+# any other teardown step (toolsets, recorder, IVR, forwarding tasks) gets this long
+# before it is abandoned: a hung MCP server must not eat the whole close bound
+STEP_ALLOWANCE = 1.0
 
 
 def _check_timeout(name: str, value: object) -> float:
@@ -73,10 +80,17 @@ class CloseRun:
             drain_timeout=options.drain_timeout,
             close_timeout=options.close_timeout,
         )
-        self.changed = asyncio.Event()
+        # replaced (and the old one set) whenever a deadline moves: every waiter holds
+        # the event it started with, so one waking waiter cannot hide it from another
+        self._changed = asyncio.Event()
         # tasks that await the close itself (a tool calling aclose()): never waited for
         self.waiters: set[asyncio.Task[Any]] = set()
         self.task: asyncio.Task[None] | None = None
+        # steps that hit their bound: left running (they may still finish once the
+        # streams are stopped), cancelled only when the close bound ends
+        self.pending: list[asyncio.Future[Any]] = []
+        # set when an abandoned drain() still holds the activity lock
+        self.lock_abandoned = False
         self.drain_deadline = math.inf
         self.close_deadline = math.inf
         if not drain:
@@ -103,7 +117,7 @@ class CloseRun:
         now = time.monotonic()
         self.drain_deadline = min(self.drain_deadline, now + self.drain_budget())
         self.close_deadline = min(self.close_deadline, now + self.options.close_timeout)
-        self.changed.set()
+        self._notify()
 
     def graceful_drain_done(self) -> None:
         """The graceful drain ended: the teardown after it is bounded like any other."""
@@ -111,7 +125,11 @@ class CloseRun:
             now = time.monotonic()
             self.close_deadline = now + self.options.close_timeout
             self.drain_deadline = now
-            self.changed.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
 
     def steps_deadline(self) -> float:
         return self.close_deadline - SWEEP_RESERVE
@@ -138,12 +156,12 @@ class CloseRun:
         A graceful drain waits without a bound, but wakes when a forced close escalates
         it, so the bound applies from then on. True when ``fut`` finished."""
         while not fut.done():
-            self.changed.clear()
+            changed = self._changed
             if phase == "drain":
                 deadline = math.inf if self.graceful else self.drain_deadline
             else:
                 deadline = self.steps_deadline()
-            waiter = asyncio.ensure_future(self.changed.wait())
+            waiter = asyncio.ensure_future(changed.wait())
             try:
                 timeout = None if math.isinf(deadline) else self.left(deadline)
                 await asyncio.wait({fut, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -151,7 +169,7 @@ class CloseRun:
                 waiter.cancel()
             if fut.done():
                 return True
-            if not self.changed.is_set():
+            if not changed.is_set():
                 return False
         return True
 
@@ -166,15 +184,16 @@ class CloseRun:
 
         On timeout the step is cancelled once and abandoned, not awaited: a step that
         swallows cancellation must not hold the whole close."""
-        deadline = self.steps_deadline() if deadline is None else deadline
         start = time.monotonic()
+        if deadline is None:
+            deadline = min(self.steps_deadline(), start + STEP_ALLOWANCE)
         task: asyncio.Future[T] = asyncio.ensure_future(aw)
         finished = await self.wait(task, deadline)
         ms = (time.monotonic() - start) * 1000
         if not finished:
             if isinstance(task, asyncio.Task):
                 self.report.stuck.append(stuck_task(task))
-            task.cancel()
+            self.pending.append(task)
             self.report.abandoned.append(name)
             self.report.forced = True
             self.record(name, ms, "abandoned")
@@ -192,6 +211,34 @@ class CloseRun:
 
     def record(self, name: str, ms: float, outcome: Any, detail: str = "") -> None:
         self.report.steps.append(StepRecord(name=name, ms=round(ms, 1), outcome=outcome, detail=detail))
+
+    async def sweep_streams(self, session: Any, deadline: float) -> None:
+        """Stop the session's provider streams that are still open: cancel each stream's
+        main task (again) and wait until ``deadline``. A stream whose close waits for a
+        provider goodbye ends here; one that swallows every cancellation is reported."""
+        leftover = [e for e in streams_mod.streams_of(session) if not e.task.done()]
+        if not leftover:
+            return
+        self.report.forced = True
+        start = time.monotonic()
+        for e in leftover:
+            self.report.stuck.append(stuck_task(e.task))
+            e.task.cancel()
+        await asyncio.wait({e.task for e in leftover}, timeout=self.left(deadline))
+        closed = [e for e in leftover if e.task.done()]
+        self.report.streams_closed_by_force.extend(e.label for e in closed)
+        self.record(
+            "streams.sweep",
+            (time.monotonic() - start) * 1000,
+            "done" if len(closed) == len(leftover) else "timeout",
+            f"{len(closed)}/{len(leftover)} stopped",
+        )
+
+    def streams_left_open(self, session: Any) -> None:
+        for e in streams_mod.streams_of(session):
+            if not e.task.done():
+                self.report.streams_left_open.append(e.label)
+                self.report.stuck.append(stuck_task(e.task))
 
     def note_cancelled(self, tasks: list[asyncio.Task[Any]]) -> None:
         self.report.cancelled.extend(task_name(t) for t in tasks)

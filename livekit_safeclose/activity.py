@@ -16,7 +16,8 @@ from typing import Any
 from livekit.agents import llm
 from livekit.agents.voice.agent_activity import AgentActivity
 
-from ._run import UNWIND_GRACE, CloseRun
+from ._run import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, CloseRun
+from .report import stuck_task
 
 #: upstream ``AgentActivity.aclose``, kept for handoffs and graceful closes
 UPSTREAM_ACLOSE = AgentActivity.__dict__["aclose"]
@@ -99,12 +100,36 @@ async def aclose(self: AgentActivity) -> None:
     await aclose_forced(self, run)
 
 
-async def aclose_forced(self: AgentActivity, run: CloseRun) -> None:
-    """The bounded ``aclose`` used by a forced close (see :func:`aclose`)."""
-    if self._closed:
+async def _close_models(self: AgentActivity, run: CloseRun) -> None:
+    """``_close_session()``, bounded. If the models do not close within the final
+    transcript wait plus an allowance, a stream is waiting on its provider: stop the
+    session's streams from outside and give the close a moment to finish by itself."""
+    start = time.monotonic()
+    task = asyncio.ensure_future(self._close_session())
+    first = min(run.steps_deadline(), start + run.transcript_timeout + MODEL_CLOSE_ALLOWANCE)
+    if not await run.wait(task, first):
+        await run.sweep_streams(self._session, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE))
+        if not await run.wait(task, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)):
+            run.report.stuck.append(stuck_task(task))  # type: ignore[arg-type]
+            run.report.abandoned.append("activity._close_session")
+            run.pending.append(task)
+            run.report.forced = True
+            run.record("activity._close_session", (time.monotonic() - start) * 1000, "abandoned")
+            return
+    ms = (time.monotonic() - start) * 1000
+    exc = None if task.cancelled() else task.exception()
+    run.record("activity._close_session", ms, "error" if exc else "done", repr(exc) if exc else "")
+    run.report.torn_down.append("activity._close_session")
+
+
+async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = False) -> None:
+    """The bounded ``aclose`` used by a forced close (see :func:`aclose`). ``again``:
+    upstream's ``aclose()`` was abandoned half-way (it holds the lock): finish its job."""
+    if self._closed and not again:
         return
     grace_deadline = min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)
-    held = await _acquire(self._lock, run.left(grace_deadline))
+    no_wait = run.lock_abandoned or again
+    held = await _acquire(self._lock, 0.0 if no_wait else run.left(grace_deadline))
     if not held:
         run.report.forced = True
         run.record("activity.lock", UNWIND_GRACE * 1000, "timeout", "held by an abandoned task; closing without it")
@@ -133,7 +158,7 @@ async def aclose_forced(self: AgentActivity, run: CloseRun) -> None:
             held = await _acquire(self._lock, 0)
         # closes the realtime session and the audio recognition (STT stream), after the
         # final user transcript was given its full session_close_transcript_timeout
-        await run.step("activity._close_session", self._close_session())
+        await _close_models(self, run)
 
         speeches = self._interrupt_background_speeches(force=True)
         if speeches:

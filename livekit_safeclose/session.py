@@ -166,18 +166,21 @@ def _close_soon(
 
 
 def _start_tasks(session: _UpstreamAgentSession) -> list[asyncio.Task[Any]]:
-    """The tasks ``start()`` is waiting on (toolset setup, first activity start)."""
+    """The tasks ``start()`` is waiting on: the first ``_update_activity_task`` (toolset
+    setup, activity start) of this session, found by walking each task's await chain."""
     out: list[asyncio.Task[Any]] = []
     for task in asyncio.all_tasks():
-        coro = task.get_coro()
-        frame = getattr(coro, "cr_frame", None)
-        if (
-            frame is not None
-            and coro.cr_code.co_name == "_update_activity_task"  # type: ignore[union-attr]
-            and frame.f_locals.get("self") is session
-            and not task.done()
-        ):
-            out.append(task)
+        if task.done():
+            continue
+        obj: Any = task.get_coro()
+        for _ in range(16):
+            frame = getattr(obj, "cr_frame", None)
+            if frame is None:
+                break
+            if frame.f_code.co_name == "_update_activity_task" and frame.f_locals.get("self") is session:
+                out.append(task)
+                break
+            obj = getattr(obj, "cr_await", None)
     return out
 
 
@@ -247,27 +250,23 @@ async def _finish(
     activities: list[AgentActivity],
     inner: asyncio.Future[None] | None,
 ) -> None:
-    """Close whatever the close left open (bounded), then publish the report."""
+    """Close whatever the close left open (bounded), stop the session's streams that are
+    still open, cancel the steps that never finished, then publish the report."""
     for act in activities + [a for a in _chain(session) if a not in activities]:
         if not act._closed:
             run.graceful = False
-            await run.step(f"activity.aclose[{act.agent.label}]", activity_mod.aclose_forced(act, run))
+            await activity_mod.aclose_forced(act, run)
     for act in activities:
         if (s := _stt_stream(act)) is not None:
             streams_mod.adopt(s, session)
-    leftover = [e for e in streams_mod.streams_of(session) if not e.task.done()]
-    if leftover:
-        for e in leftover:
-            e.task.cancel()
-        deadline = run.close_deadline if not math.isinf(run.close_deadline) else time.monotonic() + UNWIND_GRACE
-        await asyncio.wait({e.task for e in leftover}, timeout=max(0.0, deadline - time.monotonic()))
-        for e in leftover:
-            if e.task.done():
-                run.report.streams_closed_by_force.append(e.label)
-            else:
-                run.report.streams_left_open.append(e.label)
-                run.report.stuck.append(stuck_task(e.task))
-        run.report.forced = True
+    end = run.close_deadline if not math.isinf(run.close_deadline) else time.monotonic() + UNWIND_GRACE
+    await run.sweep_streams(session, end)
+    pending = [t for t in run.pending if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=run.left(min(end, time.monotonic() + UNWIND_GRACE)))
+        for t in pending:
+            t.cancel()
+    run.streams_left_open(session)
     run.report.completed = inner is not None and inner.done() and not inner.cancelled()
     run.report.duration_ms = round((time.monotonic() - run.t0) * 1000, 1)
     report_mod.emit(session, run.report)
@@ -288,6 +287,8 @@ async def _drain(session: _UpstreamAgentSession, run: CloseRun, activity: AgentA
     if not await run.wait(task, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)):
         run.report.abandoned.append("activity.drain")
         run.report.stuck.append(stuck_task(task))  # type: ignore[arg-type]
+        run.pending.append(task)
+        run.lock_abandoned = True
 
 
 def _force(run: CloseRun, activity: AgentActivity) -> None:
@@ -381,15 +382,17 @@ async def _teardown_activity(self: _UpstreamAgentSession, *, reason: CloseReason
 
         if run.graceful:
             await run.step("activity.aclose", activity_mod.UPSTREAM_ACLOSE(activity))
+            if not activity._closed or run.report.abandoned[-1:] == ["activity.aclose"]:
+                run.graceful = False
+                await activity_mod.aclose_forced(activity, run, again=True)
         else:
-            await run.step("activity.aclose", activity_mod.aclose_forced(activity, run))
+            await activity_mod.aclose_forced(activity, run)
     else:
         run.graceful_drain_done()
     self._activity = None
 
     for act in left_behind:
-        if not act._closed:
-            await run.step(f"activity.aclose[{act.agent.label}]", activity_mod.aclose_forced(act, run))
+        await activity_mod.aclose_forced(act, run)
 
     for span_attr in ("_agent_speaking_span", "_user_speaking_span"):
         span = getattr(self, span_attr)

@@ -1,0 +1,61 @@
+"""Every hang class x close path: closes within the bound with the layer, hangs without.
+
+Each scenario runs twice: with the layer (must close within ``close_timeout`` plus a small
+margin, with zero provider connections open and exactly one close event) and on vanilla
+livekit-agents (must *not* close within 1 s), which proves the scenario exercises the bug.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from livekit_safeclose.testing.scenarios import SCENARIOS, Scenario, run_scenario
+
+DRAIN, CLOSE = 0.5, 3.0
+MARGIN_MS = 150
+
+HANGS = [s for s in SCENARIOS.values() if s.vanilla_hangs]
+CONTROLS = [s for s in SCENARIOS.values() if not s.vanilla_hangs]
+
+
+def _ids(s: Scenario) -> str:
+    return s.id
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sc", HANGS, ids=_ids)
+async def test_layer_closes_within_bound(sc: Scenario) -> None:
+    out = await run_scenario(sc, patched=True, drain_timeout=DRAIN, close_timeout=CLOSE)
+    report = out.report
+    assert out.closed, f"{sc.id}: did not close: {report.summary() if report else out.error}"
+    assert out.ms <= CLOSE * 1000 + MARGIN_MS, report.summary()
+    assert out.provider_open == 0, f"{sc.id}: provider connections left open: {report.summary()}"
+    assert out.streams_open == 0, report.summary()
+    # a session whose start() never finished was never started: upstream emits no close
+    assert out.close_events == (0 if sc.during_start else 1), report.summary()
+    assert report is not None and report.duration_ms <= CLOSE * 1000 + MARGIN_MS
+    if sc.id != "tool-awaits-aclose" and sc.id != "restart-shutdown":
+        # the report says what was stuck (or which step was abandoned)
+        assert report.forced, report.summary()
+        assert report.stuck or report.abandoned, report.summary()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sc", HANGS, ids=_ids)
+async def test_vanilla_hangs(sc: Scenario) -> None:
+    """The same scenario on unpatched livekit-agents does not close: the test bites."""
+    out = await run_scenario(sc, patched=False, limit=1.0)
+    assert not out.closed, f"{sc.id}: vanilla closed in {out.ms} ms: the scenario does not show the bug"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sc", CONTROLS, ids=_ids)
+@pytest.mark.parametrize("patched", [False, True], ids=["vanilla", "layer"])
+async def test_controls_close_on_both(sc: Scenario, patched: bool) -> None:
+    out = await run_scenario(sc, patched=patched, drain_timeout=DRAIN, close_timeout=CLOSE)
+    assert out.clean, out
+    if patched:
+        assert not out.report.forced, out.report.summary()
