@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import streams as streams_mod
-from .report import CloseReport, StepRecord, stuck_task, task_name
+from .report import CloseReport, StepRecord, logger, stuck_task, task_name
 
 T = TypeVar("T")
 
@@ -39,6 +39,23 @@ def _check_timeout(name: str, value: object) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return value
+
+
+_warned: set[tuple[float, float, float]] = set()
+
+
+def _warn_tight(o: Options, transcript_timeout: float) -> None:
+    key = (o.drain_timeout, o.close_timeout, transcript_timeout)
+    if key in _warned:
+        return
+    _warned.add(key)
+    need = o.drain_timeout + transcript_timeout + TEARDOWN_RESERVE + SWEEP_RESERVE
+    logger.warning(
+        "close_timeout=%.2fs cannot hold drain_timeout=%.2fs plus the final-transcript wait "
+        "(session_close_transcript_timeout=%.2fs); the drain bound is shortened. "
+        "Use close_timeout >= %.2fs to keep both.",
+        o.close_timeout, o.drain_timeout, transcript_timeout, need,
+    )
 
 
 @dataclass(frozen=True)
@@ -99,10 +116,14 @@ class CloseRun:
     # -- deadlines -------------------------------------------------------------------
     def drain_budget(self) -> float:
         """The drain bound, shrunk so the final-transcript wait still fits in the close
-        bound: that wait belongs to a healthy close and is never cut."""
+        bound: that wait belongs to a healthy close and is never cut. A floor of a tenth
+        of the close bound keeps an idle activity from being forced for nothing when
+        ``close_timeout`` was set too tight to hold both (warned once)."""
         o = self.options
         room = o.close_timeout - self.transcript_timeout - TEARDOWN_RESERVE - SWEEP_RESERVE
-        return max(0.0, min(o.drain_timeout, room))
+        if room < o.drain_timeout:
+            _warn_tight(o, self.transcript_timeout)
+        return max(min(o.drain_timeout, 0.1 * o.close_timeout), min(o.drain_timeout, room))
 
     def _start_clock(self, now: float) -> None:
         self.drain_deadline = now + self.drain_budget()

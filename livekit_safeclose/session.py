@@ -110,6 +110,12 @@ def _ensure_closing_task(
     return task
 
 
+def _nothing_to_close(session: _UpstreamAgentSession) -> bool:
+    """Never started, or already closed, and not starting: upstream's close is a no-op
+    there, and a new closing task would only overwrite the last close's report."""
+    return not session._started and session._activity is None and not session._lock.locked()
+
+
 def _exempt_caller(session: _UpstreamAgentSession, run: CloseRun) -> None:
     """A tool (or speech) awaiting the close must not be waited for by the close: that
     is an await cycle. Upstream's drain-blocked set is made for exactly this."""
@@ -137,6 +143,9 @@ async def _aclose_impl(
     if options is None:
         await UPSTREAM["_aclose_impl"](self, reason=reason, drain=drain, error=error)
         return
+    run = _run_of(self)
+    if _nothing_to_close(self) and (run is None or run.task is None or run.task.done()):
+        return
     task = _ensure_closing_task(self, options, reason=reason, drain=drain, error=error)
     run = _run_of(self)
     assert run is not None
@@ -161,6 +170,9 @@ def _close_soon(
     options = options_for(self)
     if options is None:
         UPSTREAM["_close_soon"](self, reason=reason, drain=drain, error=error)
+        return
+    run = _run_of(self)
+    if _nothing_to_close(self) and (run is None or run.task is None or run.task.done()):
         return
     _ensure_closing_task(self, options, reason=reason, drain=drain, error=error)
 

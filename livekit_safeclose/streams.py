@@ -83,11 +83,13 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
     task.add_done_callback(_closed)
 
 
-def adopt(stream: Any, session: Any) -> None:
-    """Attribute an already-tracked stream to ``session`` (e.g. the STT stream, which is
-    created outside any speech task)."""
+def adopt(stream: Any, session: Any, kind: str = "stt") -> None:
+    """Attribute a stream to ``session``: the STT stream is created outside any speech
+    task, and without ``install()`` (the subclass) nothing registered it yet."""
     entry = _open.get(id(stream))
-    if entry is not None and entry.stream is stream and entry.session_ref is None:
+    if entry is None or entry.stream is not stream:
+        register(stream, kind, session)
+    elif entry.session_ref is None:
         entry.session_ref = weakref.ref(session)
 
 

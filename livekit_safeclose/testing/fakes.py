@@ -76,7 +76,9 @@ async def _park(ledger: ProviderLedger, fault: CloseFault) -> None:
 
 
 class FakeSTT(stt.STT):
-    """Streaming STT. ``final_after`` frames of input produce one final transcript."""
+    """Streaming STT. ``final_after`` frames of input produce one final transcript;
+    ``final_on_flush`` answers the close's end-of-turn flush (its 200 ms silence frames)
+    with one final transcript, as a provider finalizing the last utterance would."""
 
     def __init__(
         self,
@@ -85,12 +87,14 @@ class FakeSTT(stt.STT):
         close_fault: CloseFault = "none",
         transcript: str = "hello",
         final_after: int | None = None,
+        final_on_flush: bool = False,
     ) -> None:
         super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=True))
         self.ledger = ledger
         self.close_fault = close_fault
         self.transcript = transcript
         self.final_after = final_after
+        self.final_on_flush = final_on_flush
         self.streams: list[FakeRecognizeStream] = []
 
     async def _recognize_impl(
@@ -125,13 +129,18 @@ class FakeRecognizeStream(stt.RecognizeStream):
     async def _run(self) -> None:
         ledger = self._fake.ledger
         ledger.open("stt")
+        flushed = False
         try:
             try:
                 async for item in self._input_ch:
                     if isinstance(item, rtc.AudioFrame):
                         self.frames += 1
-                        if self._fake.final_after and self.frames % self._fake.final_after == 0:
-                            self._event_ch.send_nowait(_final(self._fake.transcript))
+                        fake = self._fake
+                        if fake.final_after and self.frames % fake.final_after == 0:
+                            self._event_ch.send_nowait(_final(fake.transcript))
+                        elif fake.final_on_flush and not flushed and item.duration >= 0.1:
+                            flushed = True
+                            self._event_ch.send_nowait(_final(fake.transcript))
             finally:
                 await ledger._closing(self._fake.close_fault)
         finally:

@@ -382,14 +382,23 @@ async def _closed_event(ctx: Ctx) -> None:
         await asyncio.wait({task})
 
 
-def _make_session(ctx: Ctx, vad: Any) -> AgentSession[Any]:
-    session: AgentSession[Any] = AgentSession(
+def make_session(
+    ctx: Ctx,
+    vad: Any = None,
+    *,
+    session_cls: type[AgentSession[Any]] = AgentSession,
+    transcript_timeout: float = TRANSCRIPT_TIMEOUT,
+    **kwargs: Any,
+) -> AgentSession[Any]:
+    """A roomless session on the fakes (and the real Silero VAD), wired to ``ctx``."""
+    session: AgentSession[Any] = session_cls(
         stt=FakeSTT(ctx.ledger, **ctx.stt_kwargs),
         llm=FakeLLM(ctx.ledger, ctx.script, close_fault=ctx.llm_close_fault),
         tts=FakeTTS(ctx.ledger, **ctx.tts_kwargs),
-        vad=vad,
         tools=ctx.session_tools,
-        session_close_transcript_timeout=TRANSCRIPT_TIMEOUT,
+        vad=vad if vad is not None else load_vad(),
+        session_close_transcript_timeout=transcript_timeout,
+        **kwargs,
     )
     session.input.audio = SilenceInput()
     session.output.audio = FastAudioOutput()
@@ -445,7 +454,7 @@ async def run_scenario(
     closer: asyncio.Task[None] | None = None
     try:
         agent = await sc.setup(ctx)
-        session = ctx.session = _make_session(ctx, load_vad())
+        session = ctx.session = make_session(ctx)
 
         def _on_close(ev: Any) -> None:
             closes.append(ev)
