@@ -93,9 +93,20 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     *(
         Requirement("AgentSession", n, "init_attr")
         for n in (
-            "_closing_task", "_closing", "_lock", "_activity", "_started", "_tools",
-            "_forward_audio_atask", "_forward_video_atask", "_recorder_io",
-            "_ivr_activity", "_amd", "_agent_speaking_span", "_user_speaking_span", "_opts",
+            "_closing_task",
+            "_closing",
+            "_lock",
+            "_activity",
+            "_started",
+            "_tools",
+            "_forward_audio_atask",
+            "_forward_video_atask",
+            "_recorder_io",
+            "_ivr_activity",
+            "_amd",
+            "_agent_speaking_span",
+            "_user_speaking_span",
+            "_opts",
         )
     ),
     Requirement("AgentActivity", "drain", "method"),
@@ -107,10 +118,23 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     *(
         Requirement("AgentActivity", n, "init_attr")
         for n in (
-            "_lock", "_speech_tasks", "_scheduling_atask", "_tool_executor", "_on_exit_task",
-            "_on_enter_task", "_closed", "_scheduling_resumed", "_mcp_tools",
-            "_audio_recognition", "_rt_session", "_drain_blocked_tasks", "_current_speech",
-            "_background_speeches", "_user_turn_completed_atask", "_agent", "_session",
+            "_lock",
+            "_speech_tasks",
+            "_scheduling_atask",
+            "_tool_executor",
+            "_on_exit_task",
+            "_on_enter_task",
+            "_closed",
+            "_scheduling_resumed",
+            "_mcp_tools",
+            "_audio_recognition",
+            "_rt_session",
+            "_drain_blocked_tasks",
+            "_current_speech",
+            "_background_speeches",
+            "_user_turn_completed_atask",
+            "_agent",
+            "_session",
         )
     ),
     Requirement("_ToolExecutor", "_running_tasks", "init_attr"),

@@ -54,7 +54,10 @@ def _warn_tight(o: Options, transcript_timeout: float) -> None:
         "close_timeout=%.2fs cannot hold drain_timeout=%.2fs plus the final-transcript wait "
         "(session_close_transcript_timeout=%.2fs); the drain bound is shortened. "
         "Use close_timeout >= %.2fs to keep both.",
-        o.close_timeout, o.drain_timeout, transcript_timeout, need,
+        o.close_timeout,
+        o.drain_timeout,
+        transcript_timeout,
+        need,
     )
 
 

@@ -30,7 +30,9 @@ def _forced_run(activity: AgentActivity) -> CloseRun | None:
     return run
 
 
-def unsettled_tasks(activity: AgentActivity, spare: set[asyncio.Task[Any]] | None = None) -> list[asyncio.Task[Any]]:
+def unsettled_tasks(
+    activity: AgentActivity, spare: set[asyncio.Task[Any]] | None = None
+) -> list[asyncio.Task[Any]]:
     """Speech tasks (``on_enter``/``on_exit`` included) and tool tasks still running."""
     spare = spare or set()
     tasks = [t for t in list(activity._speech_tasks) if not t.done()]
@@ -110,7 +112,7 @@ async def _close_models(self: AgentActivity, run: CloseRun) -> None:
     if not await run.wait(task, first):
         await run.sweep_streams(self._session, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE))
         if not await run.wait(task, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)):
-            run.report.stuck.append(stuck_task(task))  # type: ignore[arg-type]
+            run.report.stuck.append(stuck_task(task))
             run.report.abandoned.append("activity._close_session")
             run.pending.append(task)
             run.report.forced = True
@@ -132,7 +134,9 @@ async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = Fal
     held = await _acquire(self._lock, 0.0 if no_wait else run.left(grace_deadline))
     if not held:
         run.report.forced = True
-        run.record("activity.lock", UNWIND_GRACE * 1000, "timeout", "held by an abandoned task; closing without it")
+        run.record(
+            "activity.lock", UNWIND_GRACE * 1000, "timeout", "held by an abandoned task; closing without it"
+        )
     try:
         self._closed = True
         self._scheduling_resumed.set()
@@ -151,7 +155,9 @@ async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = Fal
                 t.cancel()
             run.note_cancelled(tools)
             await run.step(
-                "tools.cancel", _settle(tools), deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)
+                "tools.cancel",
+                _settle(tools),
+                deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE),
             )
 
         if not held and not self._lock.locked():
@@ -170,7 +176,11 @@ async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = Fal
 
         if (sched := self._scheduling_atask) is not None and not sched.done():
             sched.cancel()
-            await run.step("scheduling_task.cancel", _settle([sched]), deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE))
+            await run.step(
+                "scheduling_task.cancel",
+                _settle([sched]),
+                deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE),
+            )
 
         toolsets = list(self._mcp_tools) + [t for t in self._agent.tools if isinstance(t, llm.Toolset)]
         if toolsets:
@@ -188,7 +198,11 @@ async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = Fal
         if rest:
             for t in rest:
                 t.cancel()
-            await run.step("tool_executor.aclose", _settle(rest), deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE))
+            await run.step(
+                "tool_executor.aclose",
+                _settle(rest),
+                deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE),
+            )
         self._agent._activity = None
     finally:
         if held:

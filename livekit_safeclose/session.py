@@ -25,6 +25,8 @@ from . import streams as streams_mod
 from ._run import UNWIND_GRACE, CloseRun, Options
 from .report import logger, stuck_task
 
+Session = _UpstreamAgentSession[Any]
+
 #: the upstream methods this module replaces, captured before any patching
 UPSTREAM: dict[str, Any] = {
     name: _UpstreamAgentSession.__dict__[name]
@@ -40,19 +42,19 @@ def set_installed_options(options: Options | None) -> None:
     _installed_options = options
 
 
-def options_for(session: _UpstreamAgentSession) -> Options | None:
+def options_for(session: Session) -> Options | None:
     """Per-session options (the subclass) win over the process-wide ones."""
     own: Options | None = session.__dict__.get("_safeclose_options")
     return own if own is not None else _installed_options
 
 
-def _label(session: _UpstreamAgentSession) -> str:
+def _label(session: Session) -> str:
     agent = session.__dict__.get("_agent")
     name = getattr(agent, "label", None) or type(agent).__name__ if agent is not None else "-"
     return f"AgentSession@{id(session):x}[{name}]"
 
 
-def _run_of(session: _UpstreamAgentSession) -> CloseRun | None:
+def _run_of(session: Session) -> CloseRun | None:
     run: CloseRun | None = session.__dict__.get("_safeclose_run")
     return run
 
@@ -63,7 +65,7 @@ def _stt_stream(activity: AgentActivity | None) -> Any:
     return getattr(pipeline, "_recognize_stream", None)
 
 
-def _chain(session: _UpstreamAgentSession) -> list[AgentActivity]:
+def _chain(session: Session) -> list[AgentActivity]:
     """The current activity and, for an AgentTask, the parents it returns to."""
     out: list[AgentActivity] = []
     act = session._activity
@@ -78,7 +80,7 @@ def _chain(session: _UpstreamAgentSession) -> list[AgentActivity]:
 
 
 def _ensure_closing_task(
-    session: _UpstreamAgentSession, options: Options, *, reason: CloseReason, drain: bool, error: Any
+    session: Session, options: Options, *, reason: CloseReason, drain: bool, error: Any
 ) -> asyncio.Task[None]:
     """Start the session's one closing task, or join (and, if forced, escalate) it."""
     run = _run_of(session)
@@ -110,13 +112,13 @@ def _ensure_closing_task(
     return task
 
 
-def _nothing_to_close(session: _UpstreamAgentSession) -> bool:
+def _nothing_to_close(session: Session) -> bool:
     """Never started, or already closed, and not starting: upstream's close is a no-op
     there, and a new closing task would only overwrite the last close's report."""
     return not session._started and session._activity is None and not session._lock.locked()
 
 
-def _exempt_caller(session: _UpstreamAgentSession, run: CloseRun) -> None:
+def _exempt_caller(session: Session, run: CloseRun) -> None:
     """A tool (or speech) awaiting the close must not be waited for by the close: that
     is an await cycle. Upstream's drain-blocked set is made for exactly this."""
     me = asyncio.current_task()
@@ -129,7 +131,7 @@ def _exempt_caller(session: _UpstreamAgentSession, run: CloseRun) -> None:
 
 
 async def _aclose_impl(
-    self: _UpstreamAgentSession,
+    self: Session,
     *,
     reason: CloseReason,
     drain: bool = False,
@@ -159,7 +161,7 @@ async def _aclose_impl(
 
 
 def _close_soon(
-    self: _UpstreamAgentSession,
+    self: Session,
     *,
     reason: CloseReason,
     drain: bool = False,
@@ -177,7 +179,7 @@ def _close_soon(
     _ensure_closing_task(self, options, reason=reason, drain=drain, error=error)
 
 
-def _start_tasks(session: _UpstreamAgentSession) -> list[asyncio.Task[Any]]:
+def _start_tasks(session: Session) -> list[asyncio.Task[Any]]:
     """The tasks ``start()`` is waiting on: the first ``_update_activity_task`` (toolset
     setup, activity start) of this session, found by walking each task's await chain."""
     out: list[asyncio.Task[Any]] = []
@@ -210,7 +212,7 @@ async def _wait_lock_free(lock: asyncio.Lock, run: CloseRun, phase: str) -> bool
     return False
 
 
-async def _wait_for_start(session: _UpstreamAgentSession, run: CloseRun) -> None:
+async def _wait_for_start(session: Session, run: CloseRun) -> None:
     """Closing while ``start()`` holds the session lock (toolset setup, ``on_enter`` of a
     captured run): wait within the drain bound, then cancel what start() waits on."""
     lock = session._lock
@@ -230,7 +232,7 @@ async def _wait_for_start(session: _UpstreamAgentSession, run: CloseRun) -> None
 
 
 async def _closing_main(
-    session: _UpstreamAgentSession, run: CloseRun, *, reason: CloseReason, drain: bool, error: Any
+    session: Session, run: CloseRun, *, reason: CloseReason, drain: bool, error: Any
 ) -> None:
     """The body of the shared closing task: upstream's close, watched by the close bound,
     with the stream sweep and the report in a ``finally``."""
@@ -257,7 +259,7 @@ async def _closing_main(
 
 
 async def _finish(
-    session: _UpstreamAgentSession,
+    session: Session,
     run: CloseRun,
     activities: list[AgentActivity],
     inner: asyncio.Future[None] | None,
@@ -284,7 +286,7 @@ async def _finish(
     report_mod.emit(session, run.report)
 
 
-async def _drain(session: _UpstreamAgentSession, run: CloseRun, activity: AgentActivity) -> None:
+async def _drain(session: Session, run: CloseRun, activity: AgentActivity) -> None:
     """``activity.drain()``, bounded by the drain deadline when forced. On the bound the
     stuck tasks are recorded and force-cancelled without the activity lock, so ``drain()``
     unwinds and releases it; if it still does not, it is abandoned."""
@@ -298,7 +300,7 @@ async def _drain(session: _UpstreamAgentSession, run: CloseRun, activity: AgentA
     run.record("activity.drain", (time.monotonic() - start) * 1000, "timeout")
     if not await run.wait(task, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)):
         run.report.abandoned.append("activity.drain")
-        run.report.stuck.append(stuck_task(task))  # type: ignore[arg-type]
+        run.report.stuck.append(stuck_task(task))
         run.pending.append(task)
         run.lock_abandoned = True
 
@@ -314,7 +316,7 @@ async def _await_handle(handle: Any) -> None:
     await handle
 
 
-async def _teardown_activity(self: _UpstreamAgentSession, *, reason: CloseReason, drain: bool) -> None:
+async def _teardown_activity(self: Session, *, reason: CloseReason, drain: bool) -> None:
     """Replaces ``AgentSession._teardown_activity``.
 
     Same steps in the same order. A graceful close waits for speech as upstream does
@@ -412,7 +414,9 @@ async def _teardown_activity(self: _UpstreamAgentSession, *, reason: CloseReason
             span.end()
             setattr(self, span_attr, None)
 
-    forwards = [t for t in (self._forward_audio_atask, self._forward_video_atask) if t is not None and not t.done()]
+    forwards = [
+        t for t in (self._forward_audio_atask, self._forward_video_atask) if t is not None and not t.done()
+    ]
     for t in forwards:
         t.cancel()
     if forwards:
@@ -433,11 +437,13 @@ async def _teardown_activity(self: _UpstreamAgentSession, *, reason: CloseReason
         )
 
 
-class AgentSession(_UpstreamAgentSession):  # type: ignore[misc]
+class AgentSession(_UpstreamAgentSession[Any]):
     """Drop-in ``AgentSession`` with the bounded close, for code that prefers no global
     patch. Takes the same two options as :func:`livekit_safeclose.install`."""
 
-    def __init__(self, *args: Any, drain_timeout: float = 5.0, close_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, drain_timeout: float = 5.0, close_timeout: float = 10.0, **kwargs: Any
+    ) -> None:
         options = Options.validated(drain_timeout, close_timeout)
         super().__init__(*args, **kwargs)
         self.__dict__["_safeclose_options"] = options

@@ -235,7 +235,9 @@ async def test_healthy_close_costs_no_more_than_vanilla() -> None:
 async def test_subclass_bounds_the_close_without_global_patch() -> None:
     ctx = Ctx()
     ctx.stt_kwargs = {"close_fault": "hang"}
-    session = ctx.session = make_session(ctx, session_cls=lsc.AgentSession, drain_timeout=0.3, close_timeout=2.0)
+    session = ctx.session = make_session(
+        ctx, session_cls=lsc.AgentSession, drain_timeout=0.3, close_timeout=2.0
+    )
     await session.start(ScenarioAgent(ctx))
     t0 = time.monotonic()
     await session.aclose()

@@ -126,7 +126,14 @@ def test_missing_instance_attribute_is_named() -> None:
 
 @pytest.mark.parametrize(
     ("text", "ok"),
-    [("1.8.9", True), ("1.8.0", True), ("1.8.12rc1", True), ("1.7.3", False), ("1.9.0", False), ("2.0", False)],
+    [
+        ("1.8.9", True),
+        ("1.8.0", True),
+        ("1.8.12rc1", True),
+        ("1.7.3", False),
+        ("1.9.0", False),
+        ("2.0", False),
+    ],
 )
 def test_version_range(text: str, ok: bool) -> None:
     assert _compat.version_supported(text) is ok

@@ -75,7 +75,7 @@ async def _park(ledger: ProviderLedger, fault: CloseFault) -> None:
 # -- STT ---------------------------------------------------------------------------------
 
 
-class FakeSTT(stt.STT):
+class FakeSTT(stt.STT):  # type: ignore[type-arg]
     """Streaming STT. ``final_after`` frames of input produce one final transcript;
     ``final_on_flush`` answers the close's end-of-turn flush (its 200 ms silence frames)
     with one final transcript, as a provider finalizing the last utterance would."""
@@ -150,11 +150,13 @@ class FakeRecognizeStream(stt.RecognizeStream):
 # -- TTS ---------------------------------------------------------------------------------
 
 
-class FakeTTS(tts.TTS):
+class FakeTTS(tts.TTS):  # type: ignore[type-arg]
     """Streaming TTS producing 10 ms of silence per character. ``stall`` makes a stream
     accept text and never produce audio nor end."""
 
-    def __init__(self, ledger: ProviderLedger, *, close_fault: CloseFault = "none", stall: bool = False) -> None:
+    def __init__(
+        self, ledger: ProviderLedger, *, close_fault: CloseFault = "none", stall: bool = False
+    ) -> None:
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=True), sample_rate=SAMPLE_RATE, num_channels=1
         )
@@ -167,7 +169,9 @@ class FakeTTS(tts.TTS):
     ) -> tts.ChunkedStream:
         return self._synthesize_with_stream(text, conn_options=conn_options)
 
-    def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> FakeSynthesizeStream:
+    def stream(
+        self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+    ) -> FakeSynthesizeStream:
         return FakeSynthesizeStream(tts=self, conn_options=conn_options)
 
 
@@ -216,7 +220,7 @@ class FakeReply:
     stall: bool = False
 
 
-class FakeLLM(llm.LLM):
+class FakeLLM(llm.LLM):  # type: ignore[type-arg]
     """Replays a script of :class:`FakeReply`; answers ``"ok"`` when it runs out."""
 
     def __init__(
@@ -290,7 +294,9 @@ class SilenceInput(io.AudioInput):
     def __init__(self) -> None:
         super().__init__(label="SilenceInput")
         self._frame = rtc.AudioFrame(
-            data=b"\x00\x00" * (SAMPLE_RATE // 50), sample_rate=SAMPLE_RATE, num_channels=1,
+            data=b"\x00\x00" * (SAMPLE_RATE // 50),
+            sample_rate=SAMPLE_RATE,
+            num_channels=1,
             samples_per_channel=SAMPLE_RATE // 50,
         )
 
