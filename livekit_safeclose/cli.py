@@ -1,0 +1,213 @@
+"""``livekit-safeclose``: show, on this machine and this livekit-agents, which close
+scenarios hang on vanilla and that the layer closes them.
+
+Every scenario runs in its own subprocess (one for vanilla, one with the layer) under a
+hard kill bound, so a vanilla hang can never hang the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+_KILL_MARGIN = 20.0  # seconds past the scenario's own bound before the subprocess is killed
+
+
+def _scenario_ids(only: list[str] | None) -> list[str]:
+    from .testing.scenarios import SCENARIOS
+
+    ids = list(SCENARIOS)
+    if not only:
+        return ids
+    pats = [p.strip() for spec in only for p in spec.split(",") if p.strip()]
+    chosen = [i for i in ids if any(fnmatch.fnmatch(i, p) or i.startswith(p) for p in pats)]
+    unknown = [p for p in pats if not any(fnmatch.fnmatch(i, p) or i.startswith(p) for i in ids)]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(ids)}")
+    return chosen
+
+
+def _run_one_inprocess(args: argparse.Namespace) -> int:
+    """The child side: run one scenario in one mode and print its outcome as JSON."""
+    import logging
+
+    logging.disable(logging.CRITICAL)  # the table is the output; the children stay quiet
+    from .testing.scenarios import run_scenario
+
+    async def main() -> dict[str, Any]:
+        out = await run_scenario(
+            args.scenario,
+            patched=args.mode == "layer",
+            drain_timeout=args.drain_timeout,
+            close_timeout=args.close_timeout,
+            limit=None if args.mode == "layer" else args.vanilla_limit,
+        )
+        d = asdict(out)
+        d["report"] = out.report.to_dict() if out.report is not None else None
+        d["clean"] = out.clean
+        return d
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+    return 0
+
+
+def _spawn(scenario: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    bound = (args.close_timeout + 1.0 if mode == "layer" else args.vanilla_limit) + _KILL_MARGIN
+    cmd = [
+        sys.executable, "-m", "livekit_safeclose.cli", "_run", scenario, "--mode", mode,
+        "--drain-timeout", str(args.drain_timeout), "--close-timeout", str(args.close_timeout),
+        "--vanilla-limit", str(args.vanilla_limit),
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bound, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"scenario": scenario, "closed": False, "error": f"killed after {bound:.0f} s", "killed": True}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"scenario": scenario, "closed": False, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    out: dict[str, Any] = json.loads(lines[-1])
+    out["wall_s"] = round(time.monotonic() - t0, 2)
+    return out
+
+
+def _cell(o: dict[str, Any]) -> str:
+    if o.get("error") and not o.get("closed"):
+        return f"error: {o['error'][:40]}"
+    state = "closed" if o.get("closed") else "HUNG"
+    return f"{state} {o.get('ms', 0):.0f} ms, {o.get('provider_open', '?')} open, {o.get('tasks_left', '?')} tasks"
+
+
+def _verdict(sc: Any, v: dict[str, Any], lay: dict[str, Any]) -> str:
+    if not lay.get("clean") and not (sc.during_start and lay.get("closed") and lay.get("provider_open") == 0):
+        return "FAIL"
+    if sc.vanilla_hangs:
+        return "fixed" if not v.get("closed") else "clean (vanilla did not hang here)"
+    return "ok"
+
+
+def _check(args: argparse.Namespace) -> int:
+    from . import _compat
+    from .testing.scenarios import SCENARIOS
+
+    ids = _scenario_ids(args.only)
+    version = _compat.installed_version()
+    print(
+        f"livekit-safeclose check: {len(ids)} scenario(s) on livekit-agents {version}, "
+        f"drain_timeout={args.drain_timeout}s close_timeout={args.close_timeout}s "
+        f"vanilla_limit={args.vanilla_limit}s",
+        file=sys.stderr,
+        flush=True,
+    )
+    rows: list[dict[str, Any]] = []
+    done = 0
+
+    def run_pair(sid: str) -> dict[str, Any]:
+        v = _spawn(sid, "vanilla", args)
+        lay = _spawn(sid, "layer", args)
+        sc = SCENARIOS[sid]
+        return {
+            "scenario": sid,
+            "stuck": sc.stuck,
+            "path": sc.path,
+            "vanilla": v,
+            "layer": lay,
+            "verdict": _verdict(sc, v, lay),
+        }
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for row in pool.map(run_pair, ids):
+            done += 1
+            rows.append(row)
+            print(
+                f"[{done}/{len(ids)}] {row['scenario']}: vanilla {_cell(row['vanilla'])}; "
+                f"layer {_cell(row['layer'])} -> {row['verdict']}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    ok = all(r["verdict"] != "FAIL" for r in rows)
+    if args.json:
+        print(json.dumps({"livekit_agents": version, "ok": ok, "scenarios": rows}, indent=2))
+    else:
+        print(_table(rows))
+        fixed = sum(r["verdict"] == "fixed" for r in rows)
+        print(f"\n{fixed} scenario(s) hang on vanilla and close with the layer; "
+              f"{sum(r['verdict'] == 'FAIL' for r in rows)} fail with the layer.")  # fmt: skip
+    return 0 if ok else 1
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = ["scenario", "close path", "vanilla", "with layer", "verdict"]
+    body = [[r["scenario"], r["path"], _cell(r["vanilla"]), _cell(r["layer"]), r["verdict"]] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep, *(line(b) for b in body)])
+
+
+def _positive(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be finite and > 0: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livekit-safeclose", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="run the close scenarios on vanilla and with the layer")
+    check.add_argument("--only", action="append", help="scenario ids, prefixes or globs (comma-separated)")
+    check.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    check.add_argument("--drain-timeout", type=_positive, default=0.5)
+    check.add_argument("--close-timeout", type=_positive, default=3.0)
+    check.add_argument(
+        "--vanilla-limit", type=_positive, default=1.0, help="seconds to wait before calling vanilla hung"
+    )
+    check.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel (default 2)")
+    check.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    run = sub.add_parser("_run", help=argparse.SUPPRESS)
+    run.add_argument("scenario")
+    run.add_argument("--mode", choices=["vanilla", "layer"], required=True)
+    run.add_argument("--drain-timeout", type=_positive, default=0.5)
+    run.add_argument("--close-timeout", type=_positive, default=3.0)
+    run.add_argument("--vanilla-limit", type=_positive, default=1.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "_run":
+        return _run_one_inprocess(args)
+    if args.drain_timeout > args.close_timeout:
+        print("error: --drain-timeout must be <= --close-timeout", file=sys.stderr)
+        return 2
+    if args.list:
+        from .testing.scenarios import SCENARIOS
+
+        for sc in SCENARIOS.values():
+            print(f"{sc.id:36} {sc.path:10} {sc.stuck}")
+        return 0
+    return _check(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
