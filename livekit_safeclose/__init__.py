@@ -12,16 +12,19 @@ from typing import Any
 
 from ._compat import SUPPORTED_RANGE, IncompatibleLivekitAgents, check
 from ._run import Options
+from .leftovers import Audit, audit
 from .report import CloseReport, StepRecord, StuckTask, last_close_report
 from .streams import open_streams
 
 __all__ = [
     "SUPPORTED_RANGE",
     "AgentSession",
+    "Audit",
     "CloseReport",
     "IncompatibleLivekitAgents",
     "StepRecord",
     "StuckTask",
+    "audit",
     "install",
     "installed_options",
     "is_installed",

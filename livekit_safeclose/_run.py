@@ -20,6 +20,9 @@ T = TypeVar("T")
 
 # time kept back at the end of the close bound for the final stream sweep
 SWEEP_RESERVE = 0.25
+# time kept between the last teardown step and the end of upstream's close, so that the
+# close event is always emitted before the close bound
+EMIT_RESERVE = 0.15
 # after force-cancelling, how long a task may take to unwind before it counts as a zombie
 UNWIND_GRACE = 0.5
 # room kept for the models' teardown after the drain, beyond the final-transcript wait
@@ -49,7 +52,7 @@ def _warn_tight(o: Options, transcript_timeout: float) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    need = o.drain_timeout + transcript_timeout + TEARDOWN_RESERVE + SWEEP_RESERVE
+    need = o.drain_timeout + transcript_timeout + TEARDOWN_RESERVE + SWEEP_RESERVE + EMIT_RESERVE
     logger.warning(
         "close_timeout=%.2fs cannot hold drain_timeout=%.2fs plus the final-transcript wait "
         "(session_close_transcript_timeout=%.2fs); the drain bound is shortened. "
@@ -111,6 +114,12 @@ class CloseRun:
         self.pending: list[asyncio.Future[Any]] = []
         # set when an abandoned drain() still holds the activity lock
         self.lock_abandoned = False
+        # every activity this close touched: what a post-close audit looks for
+        self.activities: list[Any] = []
+        # tasks cancelled by this close that did not end: never waited for again
+        self.zombies: set[asyncio.Task[Any]] = set()
+        # tasks the lock-free force-cancel cancelled
+        self.forced_tasks: list[asyncio.Task[Any]] = []
         self.drain_deadline = math.inf
         self.close_deadline = math.inf
         if not drain:
@@ -123,7 +132,7 @@ class CloseRun:
         of the close bound keeps an idle activity from being forced for nothing when
         ``close_timeout`` was set too tight to hold both (warned once)."""
         o = self.options
-        room = o.close_timeout - self.transcript_timeout - TEARDOWN_RESERVE - SWEEP_RESERVE
+        room = o.close_timeout - self.transcript_timeout - TEARDOWN_RESERVE - SWEEP_RESERVE - EMIT_RESERVE
         if room < o.drain_timeout:
             _warn_tight(o, self.transcript_timeout)
         return max(min(o.drain_timeout, 0.1 * o.close_timeout), min(o.drain_timeout, room))
@@ -156,6 +165,11 @@ class CloseRun:
         old.set()
 
     def steps_deadline(self) -> float:
+        """Where every teardown step must have ended."""
+        return self.close_deadline - SWEEP_RESERVE - EMIT_RESERVE
+
+    def inner_deadline(self) -> float:
+        """Where upstream's close itself (teardown, close event, room io) must have ended."""
         return self.close_deadline - SWEEP_RESERVE
 
     @staticmethod
@@ -183,6 +197,8 @@ class CloseRun:
             changed = self._changed
             if phase == "drain":
                 deadline = math.inf if self.graceful else self.drain_deadline
+            elif phase == "inner":
+                deadline = self.inner_deadline()
             else:
                 deadline = self.steps_deadline()
             waiter = asyncio.ensure_future(changed.wait())
@@ -235,6 +251,32 @@ class CloseRun:
 
     def record(self, name: str, ms: float, outcome: Any, detail: str = "") -> None:
         self.report.steps.append(StepRecord(name=name, ms=round(ms, 1), outcome=outcome, detail=detail))
+
+    async def cancel_and_settle(self, name: str, tasks: list[asyncio.Task[Any]]) -> None:
+        """Cancel ``tasks`` and give them the unwind grace to end. Tasks that already
+        proved they swallow cancellation are not waited for again; the ones that do not end
+        now join them and are reported with where they are parked."""
+        live = [t for t in tasks if not t.done() and t not in self.zombies and t not in self.waiters]
+        if not live:
+            return
+        start = time.monotonic()
+        for t in live:
+            t.cancel()
+        self.note_cancelled(live)
+        await asyncio.wait(live, timeout=self.left(min(self.steps_deadline(), start + UNWIND_GRACE)))
+        stuck = [t for t in live if not t.done()]
+        self.mark_zombies(stuck)
+        outcome = "timeout" if stuck else "done"
+        self.record(name, (time.monotonic() - start) * 1000, outcome, f"{len(stuck)} did not end" if stuck else "")
+
+    def mark_zombies(self, tasks: list[asyncio.Task[Any]]) -> None:
+        for t in tasks:
+            if t not in self.zombies:
+                self.zombies.add(t)
+                entry = stuck_task(t)
+                entry.swallowed_cancel = True
+                self.report.stuck.append(entry)
+                self.report.forced = True
 
     async def sweep_streams(self, session: Any, deadline: float) -> None:
         """Stop the session's provider streams that are still open: cancel each stream's

@@ -81,12 +81,6 @@ async def _acquire(lock: asyncio.Lock, timeout: float) -> bool:
     return False
 
 
-async def _settle(tasks: list[asyncio.Task[Any]] | list[Any]) -> None:
-    futs = [asyncio.ensure_future(t) for t in tasks]
-    if futs:
-        await asyncio.wait(futs)
-
-
 async def aclose(self: AgentActivity) -> None:
     """Replaces ``AgentActivity.aclose``.
 
@@ -145,20 +139,8 @@ async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = Fal
         self._on_exit_task = None
 
         # a forced close cancels every tool, cancellable or not, before closing the models
-        tools = [
-            rt.exe_task
-            for rt in list(self._tool_executor._running_tasks.values())
-            if not rt.exe_task.done() and rt.exe_task not in run.waiters
-        ]
-        if tools:
-            for t in tools:
-                t.cancel()
-            run.note_cancelled(tools)
-            await run.step(
-                "tools.cancel",
-                _settle(tools),
-                deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE),
-            )
+        executor = self._tool_executor
+        await run.cancel_and_settle("tools.cancel", [rt.exe_task for rt in list(executor._running_tasks.values())])
 
         if not held and not self._lock.locked():
             held = await _acquire(self._lock, 0)
@@ -167,20 +149,9 @@ async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = Fal
         await _close_models(self, run)
 
         speeches = self._interrupt_background_speeches(force=True)
-        if speeches:
-            await run.step(
-                "background_speeches",
-                _settle(list(speeches)),
-                deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE),
-            )
-
-        if (sched := self._scheduling_atask) is not None and not sched.done():
-            sched.cancel()
-            await run.step(
-                "scheduling_task.cancel",
-                _settle([sched]),
-                deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE),
-            )
+        await run.cancel_and_settle("background_speeches", [t for s in speeches for t in s._tasks])
+        if self._scheduling_atask is not None:
+            await run.cancel_and_settle("scheduling_task.cancel", [self._scheduling_atask])
 
         toolsets = list(self._mcp_tools) + [t for t in self._agent.tools if isinstance(t, llm.Toolset)]
         if toolsets:
@@ -189,20 +160,11 @@ async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = Fal
                 asyncio.gather(*(ts.aclose() for ts in toolsets), return_exceptions=True),
             )
 
-        executor = self._tool_executor
         executor._pending_updates.clear()
-        rest = [rt.exe_task for rt in executor._running_tasks.values() if rt.exe_task not in run.waiters]
+        rest = [rt.exe_task for rt in executor._running_tasks.values()]
         if executor._reply_task is not None:
             rest.append(executor._reply_task)
-        rest = [t for t in rest if not t.done()]
-        if rest:
-            for t in rest:
-                t.cancel()
-            await run.step(
-                "tool_executor.aclose",
-                _settle(rest),
-                deadline=min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE),
-            )
+        await run.cancel_and_settle("tool_executor.aclose", rest)
         self._agent._activity = None
     finally:
         if held:

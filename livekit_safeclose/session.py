@@ -237,7 +237,7 @@ async def _closing_main(
     """The body of the shared closing task: upstream's close, watched by the close bound,
     with the stream sweep and the report in a ``finally``."""
     inner: asyncio.Future[None] | None = None
-    activities = _chain(session)
+    activities = run.activities = _chain(session)
     for act in activities:
         if (s := _stt_stream(act)) is not None:
             streams_mod.adopt(s, session)
@@ -247,7 +247,7 @@ async def _closing_main(
         inner = asyncio.ensure_future(
             UPSTREAM["_aclose_impl"](session, reason=reason, drain=drain, error=error)
         )
-        if not await run.wait_phase(inner, "close"):
+        if not await run.wait_phase(inner, "inner"):
             run.report.stuck.append(stuck_task(inner))  # type: ignore[arg-type]
             inner.cancel()
             run.report.abandoned.append("AgentSession._aclose_impl")
@@ -299,6 +299,7 @@ async def _drain(session: Session, run: CloseRun, activity: AgentActivity) -> No
     _force(run, activity)
     run.record("activity.drain", (time.monotonic() - start) * 1000, "timeout")
     if not await run.wait(task, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)):
+        run.mark_zombies([t for t in run.forced_tasks if not t.done()])
         run.report.abandoned.append("activity.drain")
         run.report.stuck.append(stuck_task(task))
         run.pending.append(task)
@@ -309,7 +310,9 @@ def _force(run: CloseRun, activity: AgentActivity) -> None:
     stuck = activity_mod.unsettled_tasks(activity, run.waiters)
     run.report.stuck.extend(stuck_task(t) for t in stuck)
     run.report.forced = True
-    run.note_cancelled(activity_mod._force_cancel_speech_tasks(activity, spare=run.waiters))
+    cancelled = activity_mod._force_cancel_speech_tasks(activity, spare=run.waiters)
+    run.forced_tasks.extend(cancelled)
+    run.note_cancelled(cancelled)
 
 
 async def _await_handle(handle: Any) -> None:
@@ -414,13 +417,8 @@ async def _teardown_activity(self: Session, *, reason: CloseReason, drain: bool)
             span.end()
             setattr(self, span_attr, None)
 
-    forwards = [
-        t for t in (self._forward_audio_atask, self._forward_video_atask) if t is not None and not t.done()
-    ]
-    for t in forwards:
-        t.cancel()
-    if forwards:
-        await run.step("forward_io.cancel", activity_mod._settle(forwards))
+    forwards = [t for t in (self._forward_audio_atask, self._forward_video_atask) if t is not None]
+    await run.cancel_and_settle("forward_io.cancel", forwards)
 
     if self._recorder_io:
         await run.step("recorder_io.aclose", self._recorder_io.aclose())

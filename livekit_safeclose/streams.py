@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -51,11 +52,28 @@ _originals: dict[type, Callable[..., None]] = {}
 
 
 def _owner_session() -> Any:
-    """The session whose speech task (or child of one) is creating the stream."""
-    from livekit.agents.voice.agent_activity import _AgentActivityContextVar
+    """The session creating the stream: the one whose speech task (or a child of one) runs,
+    else the activity found in the calling frames (the STT stream is opened by the agent's
+    ``stt_node`` inside the recognition pump, outside any speech task)."""
+    from livekit.agents.voice.agent_activity import AgentActivity, _AgentActivityContextVar
+    from livekit.agents.voice.agent_session import AgentSession
 
     activity = _AgentActivityContextVar.get(None)
-    return getattr(activity, "_session", None) if activity is not None else None
+    if activity is not None:
+        return activity._session
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            break
+        local = frame.f_locals
+        for key in ("activity", "self"):
+            obj = local.get(key)
+            if isinstance(obj, AgentActivity):
+                return obj._session
+            if isinstance(obj, AgentSession):
+                return obj
+        frame = frame.f_back
+    return None
 
 
 def main_task(stream: Any) -> asyncio.Task[Any] | None:

@@ -1,0 +1,63 @@
+"""``livekit-safeclose check`` end to end, on a fast subset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CMD = [sys.executable, "-m", "livekit_safeclose"]
+
+
+@pytest.mark.timeout(120)
+def test_check_json_shape_and_verdicts() -> None:
+    proc = subprocess.run(
+        [*CMD, "check", "--only", "tool-park-aclose,healthy-aclose", "--json"],
+        capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["ok"] is True and data["livekit_agents"].startswith("1.8")
+    rows = {r["scenario"]: r for r in data["scenarios"]}
+    assert set(rows) == {"tool-park-aclose", "healthy-aclose"}
+    stuck = rows["tool-park-aclose"]
+    assert stuck["verdict"] == "fixed"
+    assert stuck["vanilla"]["closed"] is False and stuck["vanilla"]["provider_open"] == 1
+    assert stuck["layer"]["closed"] is True and stuck["layer"]["provider_open"] == 0
+    assert stuck["layer"]["report"]["forced"] is True
+    assert rows["healthy-aclose"]["verdict"] == "ok"
+    # progress goes to stderr while it runs
+    assert "[1/2]" in proc.stderr and "[2/2]" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_check_table() -> None:
+    proc = subprocess.run(
+        [*CMD, "check", "--only", "on-exit-hang-aclose"], capture_output=True, text=True, timeout=110
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("| scenario") and "with layer" in lines[0]
+    assert any(ln.startswith("| on-exit-hang-aclose") and "HUNG" in ln and "fixed" in ln for ln in lines)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "--drain-timeout", "5", "--close-timeout", "1"],
+        ["check", "--drain-timeout", "-1"],
+        ["check", "--close-timeout", "nan"],
+        ["check", "--only", "no-such-scenario"],
+    ],
+)
+def test_check_rejects_bad_input(args: list[str]) -> None:
+    proc = subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip()
+
+
+def test_list() -> None:
+    proc = subprocess.run([*CMD, "check", "--list"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "tool-park-aclose" in proc.stdout
