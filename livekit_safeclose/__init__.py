@@ -55,12 +55,13 @@ def _patches() -> list[tuple[type, str, Any]]:
     ]
 
 
-def install(*, drain_timeout: float = 5.0, close_timeout: float = 10.0) -> None:
+def install(*, drain_timeout: float = 5.0, close_timeout: float = 10.0, close_models: bool = False) -> None:
     """Patch livekit-agents process-wide. Idempotent: calling it again only changes the
-    two bounds. Raises ``ValueError``/``TypeError`` for bad bounds and
+    options. Raises ``ValueError``/``TypeError`` for bad options and
     :class:`IncompatibleLivekitAgents` when the installed release lacks what the patch
-    relies on (nothing is patched then)."""
-    options = Options.validated(drain_timeout, close_timeout)
+    relies on (nothing is patched then). ``close_models``: after each close, also close
+    the session's own model instances (not ones another running session uses)."""
+    options = Options.validated(drain_timeout, close_timeout, close_models)
     from . import session, streams
 
     if not _saved:

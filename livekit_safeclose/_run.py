@@ -70,14 +70,19 @@ class Options:
 
     drain_timeout: float = 5.0
     close_timeout: float = 10.0
+    close_models: bool = False
 
     @classmethod
-    def validated(cls, drain_timeout: object = 5.0, close_timeout: object = 10.0) -> Options:
+    def validated(
+        cls, drain_timeout: object = 5.0, close_timeout: object = 10.0, close_models: object = False
+    ) -> Options:
         d = _check_timeout("drain_timeout", drain_timeout)
         c = _check_timeout("close_timeout", close_timeout)
         if d > c:
             raise ValueError(f"drain_timeout ({d}) must be <= close_timeout ({c})")
-        return cls(d, c)
+        if not isinstance(close_models, bool):
+            raise TypeError(f"close_models must be a bool, not {type(close_models).__name__}")
+        return cls(d, c, close_models)
 
 
 class CloseRun:

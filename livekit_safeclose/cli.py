@@ -22,18 +22,28 @@ from typing import Any
 _KILL_MARGIN = 20.0  # seconds past the scenario's own bound before the subprocess is killed
 
 
-def _scenario_ids(only: list[str] | None) -> list[str]:
+def _patterns(only: list[str] | None) -> list[str]:
+    return [p.strip() for spec in only or [] for p in spec.split(",") if p.strip()]
+
+
+def _match(sid: str, pats: list[str]) -> bool:
+    return any(fnmatch.fnmatch(sid, p) or sid.startswith(p) for p in pats)
+
+
+def _scenario_ids(only: list[str] | None, e2e: bool = False) -> tuple[list[str], list[str]]:
+    """The catalogue ids and (with ``e2e``) the real-socket ids that ``--only`` selects."""
     from .testing.scenarios import SCENARIOS
 
-    ids = list(SCENARIOS)
-    if not only:
-        return ids
-    pats = [p.strip() for spec in only for p in spec.split(",") if p.strip()]
-    chosen = [i for i in ids if any(fnmatch.fnmatch(i, p) or i.startswith(p) for p in pats)]
-    unknown = [p for p in pats if not any(fnmatch.fnmatch(i, p) or i.startswith(p) for i in ids)]
+    ids, e2e_ids = list(SCENARIOS), list(E2E_IDS) if e2e else []
+    pats = _patterns(only)
+    if not pats:
+        return ids, e2e_ids
+    unknown = [p for p in pats if not any(_match(i, [p]) for i in ids + list(E2E_IDS))]
     if unknown:
-        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(ids)}")
-    return chosen
+        raise SystemExit(
+            f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(ids + list(E2E_IDS))}"
+        )
+    return [i for i in ids if _match(i, pats)], [i for i in e2e_ids if _match(i, pats)]
 
 
 def _run_one_inprocess(args: argparse.Namespace) -> int:
@@ -60,10 +70,62 @@ def _run_one_inprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spawn(scenario: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    bound = (args.close_timeout + 1.0 if mode == "layer" else args.vanilla_limit) + _KILL_MARGIN
+def _run_e2e_inprocess(args: argparse.Namespace) -> int:
+    """The child side of ``--e2e``: one real-socket scenario against a stand-in provider
+    server started in this process, with the server's own connection counts."""
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    from .testing.e2e import run_e2e_scenario
+    from .testing.standins import ProviderServer
+
+    scenario, _, stt_kind = args.scenario.partition("@")
+
+    async def main() -> dict[str, Any]:
+        with ProviderServer() as server:
+            out = await run_e2e_scenario(
+                scenario,
+                patched=args.mode == "layer",
+                server=server,
+                stt=stt_kind or "inference_stt",
+                drain_timeout=args.drain_timeout,
+                close_timeout=args.close_timeout,
+                limit=None if args.mode == "layer" else args.vanilla_limit,
+            )
+        open_after = out.stt_open_after if args.mode == "layer" else out.stt_open_at_close
+        return {
+            "scenario": args.scenario,
+            "closed": out.closed,
+            "ms": out.ms,
+            "provider_open": open_after,
+            "server_stt_open_at_close": out.stt_open_at_close,
+            "server_stt_open_after": out.stt_open_after,
+            "server_clean_closes": out.clean_closes,
+            "close_events": out.close_events,
+            "tasks_left": 0,
+            "clean": out.closed and open_after == 0 and out.close_events == 1 and not out.error,
+            "error": out.error,
+            "report": out.report.to_dict() if out.report is not None else None,
+        }
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+    return 0
+
+
+E2E_IDS = (
+    "tool-stuck@inference_stt",
+    "tool-stuck@deepgram_stt",
+    "on-exit-hang@inference_stt",
+    "tts-stall-goodbye@inference_stt",
+    "llm-stall-goodbye@inference_stt",
+    "llm-stall-reply@inference_stt",
+)
+
+
+def _spawn(scenario: str, mode: str, args: argparse.Namespace, child: str = "_run") -> dict[str, Any]:
+    bound = (args.close_timeout * 2 + 1.0 if mode == "layer" else args.vanilla_limit) + _KILL_MARGIN
     cmd = [
-        sys.executable, "-m", "livekit_safeclose.cli", "_run", scenario, "--mode", mode,
+        sys.executable, "-m", "livekit_safeclose.cli", child, scenario, "--mode", mode,
         "--drain-timeout", str(args.drain_timeout), "--close-timeout", str(args.close_timeout),
         "--vanilla-limit", str(args.vanilla_limit),
     ]  # fmt: skip
@@ -100,10 +162,10 @@ def _check(args: argparse.Namespace) -> int:
     from . import _compat
     from .testing.scenarios import SCENARIOS
 
-    ids = _scenario_ids(args.only)
+    ids, e2e_ids = _scenario_ids(args.only, args.e2e)
     version = _compat.installed_version()
     print(
-        f"livekit-safeclose check: {len(ids)} scenario(s) on livekit-agents {version}, "
+        f"livekit-safeclose check: {len(ids) + len(e2e_ids)} scenario(s) on livekit-agents {version}, "
         f"drain_timeout={args.drain_timeout}s close_timeout={args.close_timeout}s "
         f"vanilla_limit={args.vanilla_limit}s",
         file=sys.stderr,
@@ -113,6 +175,21 @@ def _check(args: argparse.Namespace) -> int:
     done = 0
 
     def run_pair(sid: str) -> dict[str, Any]:
+        if "@" in sid:
+            from .testing.e2e import E2E_SCENARIOS
+
+            esc = E2E_SCENARIOS[sid.split("@")[0]]
+            v = _spawn(sid, "vanilla", args, child="_run_e2e")
+            lay = _spawn(sid, "layer", args, child="_run_e2e")
+            verdict = (
+                "FAIL"
+                if not lay.get("clean")
+                else ("fixed" if not v.get("closed") or v.get("provider_open") else "ok")
+            )
+            if not esc.vanilla_hangs and lay.get("clean"):
+                verdict = "ok"
+            return {"scenario": "e2e:" + sid, "stuck": esc.stuck, "path": "aclose", "vanilla": v, "layer": lay,
+                    "verdict": verdict}  # fmt: skip
         v = _spawn(sid, "vanilla", args)
         lay = _spawn(sid, "layer", args)
         sc = SCENARIOS[sid]
@@ -126,11 +203,12 @@ def _check(args: argparse.Namespace) -> int:
         }
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for row in pool.map(run_pair, ids):
+        total = len(ids) + len(e2e_ids)
+        for row in pool.map(run_pair, ids + e2e_ids):
             done += 1
             rows.append(row)
             print(
-                f"[{done}/{len(ids)}] {row['scenario']}: vanilla {_cell(row['vanilla'])}; "
+                f"[{done}/{total}] {row['scenario']}: vanilla {_cell(row['vanilla'])}; "
                 f"layer {_cell(row['layer'])} -> {row['verdict']}",
                 file=sys.stderr,
                 flush=True,
@@ -184,12 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--jobs", type=int, default=2, help="scenarios run in parallel (default 2)")
     check.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    check.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also run the real-socket scenarios (real plugins against local stand-in provider servers); "
+        "their 'open' column is the provider server's count of open STT connections",
+    )
     run = sub.add_parser("_run", help=argparse.SUPPRESS)
     run.add_argument("scenario")
     run.add_argument("--mode", choices=["vanilla", "layer"], required=True)
     run.add_argument("--drain-timeout", type=_positive, default=0.5)
     run.add_argument("--close-timeout", type=_positive, default=3.0)
     run.add_argument("--vanilla-limit", type=_positive, default=1.0)
+    run_e2e = sub.add_parser("_run_e2e", help=argparse.SUPPRESS)
+    for a in run._actions[1:]:
+        run_e2e._add_action(a)
     return parser
 
 
@@ -197,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "_run":
         return _run_one_inprocess(args)
+    if args.command == "_run_e2e":
+        return _run_e2e_inprocess(args)
     if args.drain_timeout > args.close_timeout:
         print("error: --drain-timeout must be <= --close-timeout", file=sys.stderr)
         return 2

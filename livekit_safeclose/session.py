@@ -274,6 +274,8 @@ async def _finish(
         if (s := _stt_stream(act)) is not None:
             streams_mod.adopt(s, session)
     end = run.close_deadline if not math.isinf(run.close_deadline) else time.monotonic() + UNWIND_GRACE
+    if run.options.close_models:
+        await _close_owned_models(session, run, activities)
     await run.sweep_streams(session, end)
     pending = [t for t in run.pending if not t.done()]
     if pending:
@@ -284,6 +286,27 @@ async def _finish(
     run.report.completed = inner is not None and inner.done() and not inner.cancelled()
     run.report.duration_ms = round((time.monotonic() - run.t0) * 1000, 1)
     report_mod.emit(session, run.report)
+
+
+def _models_of(holder: Any) -> list[Any]:
+    return [m for m in (holder.stt, holder.llm, holder.tts) if m is not None and not isinstance(m, str)]
+
+
+async def _close_owned_models(session: Session, run: CloseRun, activities: list[AgentActivity]) -> None:
+    """``close_models=True``: close the model instances this session used (the pooled
+    inference TTS websockets live until ``tts.aclose()``), except any that another running
+    session also uses. Bounded like every other step."""
+    mine = {id(m): m for holder in [session, *activities] for m in _models_of(holder)}
+    for other in streams_mod.known_sessions():
+        if other is not session and other._started:
+            for m in _models_of(other):
+                mine.pop(id(m), None)
+    if mine:
+        await run.step(
+            "models.aclose",
+            asyncio.gather(*(m.aclose() for m in mine.values()), return_exceptions=True),
+            deadline=min(run.inner_deadline(), time.monotonic() + UNWIND_GRACE * 2),
+        )
 
 
 async def _drain(session: Session, run: CloseRun, activity: AgentActivity) -> None:

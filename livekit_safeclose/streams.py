@@ -16,6 +16,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 _KINDS: dict[str, str] = {
@@ -48,6 +49,8 @@ class OpenStream:
 
 
 _open: dict[int, OpenStream] = {}
+# sessions that opened a stream: whom a model instance may be shared with
+_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
 _originals: dict[type, Callable[..., None]] = {}
 
 
@@ -61,7 +64,7 @@ def _owner_session() -> Any:
     activity = _AgentActivityContextVar.get(None)
     if activity is not None:
         return activity._session
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(12):
         if frame is None:
             break
@@ -91,6 +94,8 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
         return
     key = id(stream)
     owner = session if session is not None else _owner_session()
+    if owner is not None:
+        _sessions.add(owner)
     _open[key] = OpenStream(stream, kind, weakref.ref(owner) if owner is not None else None)
 
     def _closed(_: asyncio.Task[Any], key: int = key, stream: Any = stream) -> None:
@@ -109,6 +114,10 @@ def adopt(stream: Any, session: Any, kind: str = "stt") -> None:
         register(stream, kind, session)
     elif entry.session_ref is None:
         entry.session_ref = weakref.ref(session)
+
+
+def known_sessions() -> list[Any]:
+    return list(_sessions)
 
 
 def open_streams(session: Any = None) -> dict[str, int]:

@@ -15,6 +15,7 @@ quota). The building blocks (:class:`ScriptedAudioInput`, :func:`make_models`,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import time
 from collections.abc import Callable
@@ -445,7 +446,7 @@ class _Install:
 
     def restore(self) -> None:
         if self.prev is not None:
-            lsc.install(drain_timeout=self.prev.drain_timeout, close_timeout=self.prev.close_timeout)
+            lsc.install(**dataclasses.asdict(self.prev))
         else:
             lsc.uninstall()
 

@@ -13,6 +13,7 @@ test asks for the ``safeclose`` fixture (optionally configured with the ``safecl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,6 @@ def safeclose(request: pytest.FixtureRequest) -> Iterator[SafeCloseHarness]:
     finally:
         harness.release()
         if previous is not None:
-            lsc.install(drain_timeout=previous.drain_timeout, close_timeout=previous.close_timeout)
+            lsc.install(**dataclasses.asdict(previous))
         else:
             lsc.uninstall()

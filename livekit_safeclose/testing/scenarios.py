@@ -9,6 +9,7 @@ along one close path, and measures the outcome.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -626,6 +627,6 @@ async def run_scenario(
         if leftovers:
             await asyncio.wait(leftovers, timeout=0.5)
         if prev is not None:
-            lsc.install(drain_timeout=prev.drain_timeout, close_timeout=prev.close_timeout)
+            lsc.install(**dataclasses.asdict(prev))
         else:
             lsc.uninstall()

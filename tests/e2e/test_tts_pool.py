@@ -30,9 +30,9 @@ from livekit_safeclose.testing.standins import ProviderServer
 TTS = "inference_tts"
 
 
-async def _healthy_session_closed(srv: ProviderServer, *, patched: bool) -> Any:
+async def _healthy_session_closed(srv: ProviderServer, *, patched: bool, close_models: bool = False) -> Any:
     if patched:
-        lsc.install(drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
+        lsc.install(drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT, close_models=close_models)
     models = make_models(srv)
     session, _ = make_e2e_session(models)
     await session.start(E2EAgent(E2EContext()))
@@ -91,3 +91,39 @@ async def test_stalled_tts_socket_stays_open_after_the_layer_closed_the_session(
     assert out.tts_open_after == 1, out.summary()
     # run_e2e_scenario closes the models before returning: the pool's aclose() ends it
     assert await srv.await_open(TTS, 0, 1.0)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.asyncio
+async def test_close_models_option_closes_the_pool_with_a_goodbye(srv: ProviderServer) -> None:
+    """install(close_models=True): the session's own TTS instance is closed with the
+    session, so its pooled socket ends with a close frame instead of lingering."""
+    models = await _healthy_session_closed(srv, patched=True, close_models=True)
+    try:
+        assert await srv.await_open(TTS, 0, 1.0)
+        assert srv.clean_closes(TTS) == 1
+        assert await srv.await_open("inference_stt", 0, 1.0)
+    finally:
+        await models.aclose()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.asyncio
+async def test_close_models_spares_a_model_another_session_uses(srv: ProviderServer) -> None:
+    lsc.install(drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT, close_models=True)
+    models = make_models(srv)
+    first, _ = make_e2e_session(models)
+    second, _ = make_e2e_session(models)
+    try:
+        await first.start(E2EAgent(E2EContext()))
+        await second.start(E2EAgent(E2EContext()))
+        assert await srv.await_open("inference_stt", 2, 5.0)
+        await asyncio.wait_for(first.aclose(), CLOSE_TIMEOUT + MARGIN)
+        assert await srv.await_open("inference_stt", 1, 2.0)
+        await asyncio.sleep(0.3)
+        assert srv.open_connections(TTS) == 1  # the shared TTS pool was not closed
+        await second.say("still here").wait_for_playout()
+        await asyncio.wait_for(second.aclose(), CLOSE_TIMEOUT + MARGIN)
+        assert await srv.await_open(TTS, 0, 1.0)  # the last user closes it
+    finally:
+        await models.aclose()
