@@ -272,7 +272,9 @@ class CloseRun:
         stuck = [t for t in live if not t.done()]
         self.mark_zombies(stuck)
         outcome = "timeout" if stuck else "done"
-        self.record(name, (time.monotonic() - start) * 1000, outcome, f"{len(stuck)} did not end" if stuck else "")
+        self.record(
+            name, (time.monotonic() - start) * 1000, outcome, f"{len(stuck)} did not end" if stuck else ""
+        )
 
     def mark_zombies(self, tasks: list[asyncio.Task[Any]]) -> None:
         for t in tasks:

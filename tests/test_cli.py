@@ -61,3 +61,18 @@ def test_check_rejects_bad_input(args: list[str]) -> None:
 def test_list() -> None:
     proc = subprocess.run([*CMD, "check", "--list"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "tool-park-aclose" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_check_e2e_reports_the_provider_side_count() -> None:
+    """--e2e: real plugins against the stand-in servers; 'open' is the server's count."""
+    proc = subprocess.run(
+        [*CMD, "check", "--e2e", "--only", "tool-stuck@deepgram_stt", "--json"],
+        capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)["scenarios"]
+    assert row["scenario"] == "e2e:tool-stuck@deepgram_stt" and row["verdict"] == "fixed"
+    assert row["vanilla"]["server_stt_open_at_close"] == 1
+    assert row["layer"]["server_stt_open_after"] == 0
+    assert row["layer"]["server_clean_closes"]["deepgram_stt"] == 1

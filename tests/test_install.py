@@ -78,6 +78,14 @@ def test_bad_options_are_refused(drain: object, close: object, exc: type[Excepti
     assert not lsc.is_installed()
 
 
+def test_close_models_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="close_models"):
+        lsc.install(close_models="yes")  # type: ignore[arg-type]
+    lsc.install(close_models=True)
+    opts = lsc.installed_options()
+    assert opts is not None and opts.close_models is True
+
+
 def test_bad_options_on_reconfigure_keep_previous() -> None:
     lsc.install(drain_timeout=1.0, close_timeout=2.0)
     with pytest.raises(ValueError):

@@ -15,8 +15,8 @@ quota). The building blocks (:class:`ScriptedAudioInput`, :func:`make_models`,
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

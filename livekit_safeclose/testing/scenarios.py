@@ -240,195 +240,117 @@ def _toolsets(scope: Literal["session", "agent"], **kw: Any) -> Setup:
     return setup
 
 
+@dataclass(frozen=True)
+class _HangClass:
+    """A hang class, expanded into one scenario per close path it applies to."""
+
+    key: str
+    stuck: str
+    description: str
+    setup: Setup
+    trigger: Trigger | None
+    paths: tuple[ClosePath, ...] = CLOSE_PATHS
+    during_start: bool = False
+    restart: bool = False
+
+
+HANG_CLASSES: tuple[_HangClass, ...] = (
+    _HangClass("tool-park", "tool parked on an await (honours cancellation)",
+               "A function tool awaits something that never comes; the interrupt cannot reach it "
+               "and AgentActivity.aclose() drains the tool executor before closing the models.",
+               _tool_agent("park"), _reply_calls_tool),
+    _HangClass("tool-swallow", "tool swallowing CancelledError",
+               "A function tool catches CancelledError and keeps waiting: nothing can stop it, "
+               "so a correct close abandons it.",
+               _tool_agent("swallow"), _reply_calls_tool),
+    _HangClass("tool-sleep", "tool running a long finite call (30 s)",
+               "Even a tool that honours cancellation holds a forced close for its whole "
+               "duration: the interrupt does not reach it.",
+               _tool_agent("sleep:30"), _reply_calls_tool),
+    _HangClass("on-exit-hang", "Agent.on_exit never returns",
+               "drain() holds the activity lock while it awaits on_exit.",
+               _hook_agent(on_exit="park"), _engage_on_exit),
+    _HangClass("on-enter-hang", "Agent.on_enter never returns",
+               "on_enter is a speech task without a SpeechHandle: interrupt() cannot stop it.",
+               _hook_agent(on_enter="park"), None),
+    _HangClass("agent-task-on-enter-hang", "AgentTask.on_enter never returns",
+               "A tool awaits an AgentTask whose on_enter hangs; the close waits for the task "
+               "to become inactive.",
+               _agent_task, _reply_calls_tool),
+    _HangClass("handoff-old-on-exit-hang", "old agent's on_exit hangs during a handoff",
+               "A tool hands off; the old agent's on_exit never returns while the handoff holds "
+               "the activity lock.",
+               _handoff("park", None), _reply_calls_tool),
+    _HangClass("handoff-new-on-enter-hang", "new agent's on_enter hangs after a handoff",
+               "A tool hands off; the new agent's on_enter never returns.",
+               _handoff(None, "park"), _reply_calls_tool),
+    _HangClass("stt-close-hang", "STT stream aclose() hangs",
+               "The recognize stream waits for a goodbye from the provider that never comes; "
+               "vanilla waits forever inside AgentActivity.aclose().",
+               _faulty_models(stt={"close_fault": "hang"}), _engage_now),
+    _HangClass("tts-stall", "TTS stream that never ends and hangs on cancel",
+               "The TTS stream accepts text, never produces audio, and waits for a provider "
+               "goodbye when cancelled.",
+               _faulty_models(tts={"stall": True, "close_fault": "hang"}), _reply_engaged_when_streaming),
+    _HangClass("llm-stall", "LLM stream that stalls and hangs on cancel",
+               "The LLM stream never answers and waits for a goodbye when cancelled.",
+               _faulty_models(llm_stall=True, llm_fault="hang"), _reply_engaged_when_streaming),
+    _HangClass("session-toolset-aclose-hang", "session Toolset (MCP-like) whose aclose() hangs",
+               "AgentSession gathers toolset.aclose() without a bound.",
+               _toolsets("session", hang_close=True), _engage_now),
+    _HangClass("agent-toolset-aclose-hang", "agent Toolset whose aclose() hangs",
+               "AgentActivity.aclose() gathers its agent's toolsets without a bound.",
+               _toolsets("agent", hang_close=True), _engage_now),
+    # before start() finished no model reports errors yet: no error path
+    _HangClass("start-toolset-setup-hang", "closing while start() sets up a toolset that hangs",
+               "start() holds the session lock across toolset setup; the close waits for it.",
+               _toolsets("agent", hang_setup=True), None, paths=("aclose", "shutdown", "disconnect"),
+               during_start=True),
+    # aclose() and the error close never used the stale closing task: only these two paths bite
+    _HangClass("restart", "a second close after the session was shut down and restarted",
+               "Upstream never resets the finished closing task, so after a restart shutdown() "
+               "and close-on-disconnect are no-ops and the session stays open.",
+               _hook_agent(), _engage_now, paths=("shutdown", "disconnect"), restart=True),
+)  # fmt: skip
+
+
 def _scenarios() -> list[Scenario]:
-    out: list[Scenario] = []
-    for path in CLOSE_PATHS:
-        out += [
-            Scenario(
-                f"tool-park-{path}",
-                "tool parked on an await (honours cancellation)",
-                path,
-                "A function tool awaits something that never comes; the interrupt cannot "
-                "reach it and AgentActivity.aclose() drains the tool executor first.",
-                _tool_agent("park"),
-                _reply_calls_tool,
-                tags=("core",),
-            ),
-            Scenario(
-                f"tool-swallow-{path}",
-                "tool swallowing CancelledError",
-                path,
-                "A function tool catches CancelledError and keeps waiting: nothing can "
-                "stop it, so a correct close abandons it.",
-                _tool_agent("swallow"),
-                _reply_calls_tool,
-                tags=("core",),
-            ),
-            Scenario(
-                f"on-exit-hang-{path}",
-                "Agent.on_exit never returns",
-                path,
-                "drain() holds the activity lock while it awaits on_exit.",
-                _hook_agent(on_exit="park"),
-                _engage_on_exit,
-                tags=("core",),
-            ),
-            Scenario(
-                f"stt-close-hang-{path}",
-                "STT stream aclose() hangs",
-                path,
-                "The recognize stream waits for a goodbye from the provider that never "
-                "comes; vanilla waits forever inside AgentActivity.aclose().",
-                _faulty_models(stt={"close_fault": "hang"}),
-                _engage_now,
-                tags=("core",),
-            ),
-        ]
-    out += [
+    out = [
         Scenario(
-            "tool-sleep-aclose",
-            "tool running a long finite call (30 s)",
-            "aclose",
-            "Even a tool that honours cancellation holds a forced close for its whole "
-            "duration: the interrupt does not reach it.",
-            _tool_agent("sleep:30"),
-            _reply_calls_tool,
-        ),
-        Scenario(
-            "tool-awaits-aclose",
-            "tool that awaits session.aclose()",
-            "aclose",
-            "An await cycle: the close waits for the tool, the tool waits for the close.",
-            _tool_agent("aclose"),
-            _reply_calls_tool,
-        ),
-        Scenario(
-            "on-enter-hang-aclose",
-            "Agent.on_enter never returns",
-            "aclose",
-            "on_enter is a speech task without a SpeechHandle: interrupt() cannot stop it.",
-            _hook_agent(on_enter="park"),
-            None,
-        ),
-        Scenario(
-            "agent-task-on-enter-hang-aclose",
-            "AgentTask.on_enter never returns",
-            "aclose",
-            "A tool awaits an AgentTask whose on_enter hangs; the close waits for the "
-            "task to become inactive.",
-            _agent_task,
-            _reply_calls_tool,
-        ),
-        Scenario(
-            "handoff-old-on-exit-hang-aclose",
-            "old agent's on_exit hangs during a handoff",
-            "aclose",
-            "A tool hands off; the old agent's on_exit never returns while the handoff "
-            "holds the activity lock.",
-            _handoff("park", None),
-            _reply_calls_tool,
-        ),
-        Scenario(
-            "handoff-new-on-enter-hang-aclose",
-            "new agent's on_enter hangs after a handoff",
-            "aclose",
-            "A tool hands off; the new agent's on_enter never returns.",
-            _handoff(None, "park"),
-            _reply_calls_tool,
-        ),
-        Scenario(
-            "tts-stall-aclose",
-            "TTS stream that never ends and hangs on cancel",
-            "aclose",
-            "The TTS stream accepts text, never produces audio, and waits for a "
-            "provider goodbye when cancelled.",
-            _faulty_models(tts={"stall": True, "close_fault": "hang"}),
-            _reply_engaged_when_streaming,
-        ),
-        Scenario(
-            "llm-stall-aclose",
-            "LLM stream that stalls and hangs on cancel",
-            "aclose",
-            "The LLM stream never answers and waits for a goodbye when cancelled.",
-            _faulty_models(llm_stall=True, llm_fault="hang"),
-            _reply_engaged_when_streaming,
-        ),
-        Scenario(
-            "session-toolset-aclose-hang",
-            "session Toolset (MCP-like) whose aclose() hangs",
-            "aclose",
-            "AgentSession gathers toolset.aclose() without a bound.",
-            _toolsets("session", hang_close=True),
-            _engage_now,
-            drain_only=False,
-        ),
-        Scenario(
-            "agent-toolset-aclose-hang",
-            "agent Toolset whose aclose() hangs",
-            "aclose",
-            "AgentActivity.aclose() gathers its agent's toolsets without a bound.",
-            _toolsets("agent", hang_close=True),
-            _engage_now,
-        ),
-        Scenario(
-            "start-toolset-setup-hang",
-            "closing while start() sets up a toolset that hangs",
-            "aclose",
-            "start() holds the session lock across toolset setup; the close waits for it.",
-            _toolsets("agent", hang_setup=True),
-            None,
-            during_start=True,
-        ),
-        Scenario(
-            "race-aclose-shutdown",
-            "aclose() racing shutdown(drain=False), tool stuck",
-            "aclose",
-            "Two forced closes at once must share one close and one close event.",
-            _tool_agent("park"),
-            _reply_calls_tool,
-            tags=("race",),
-        ),
-        Scenario(
-            "escalate-graceful",
-            "forced aclose() joining a graceful drain, tool stuck",
-            "aclose",
-            "shutdown(drain=True) waits for the stuck tool forever; an aclose() that joins it must bound it.",
-            _tool_agent("park"),
-            _reply_calls_tool,
-            tags=("escalate",),
-        ),
-        Scenario(
-            "restart-shutdown",
-            "shutdown() after the session was closed and restarted",
-            "shutdown",
-            "Upstream never resets the finished closing task, so the second shutdown() "
-            "is a no-op and the session stays open.",
-            _hook_agent(),
-            _engage_now,
-            restart=True,
-        ),
-        # controls: must close fast with and without the layer
-        Scenario(
-            "healthy-aclose",
-            "nothing (control)",
-            "aclose",
-            "A healthy session: both close promptly, nothing forced.",
-            _hook_agent(),
-            _engage_now,
-            vanilla_hangs=False,
-            tags=("control",),
-        ),
-        Scenario(
-            "graceful-slow-tool",
-            "slow but finite tool, graceful drain (control)",
-            "graceful",
-            "shutdown(drain=True) must still wait for a 1.5 s tool to finish.",
-            _tool_agent("sleep:1.5"),
-            _reply_calls_tool,
-            vanilla_hangs=False,
-            tags=("control",),
-        ),
+            f"{hc.key}-{path}",
+            hc.stuck,
+            path,
+            hc.description,
+            hc.setup,
+            hc.trigger,
+            during_start=hc.during_start,
+            restart=hc.restart,
+            tags=("core",)
+            if hc.key in ("tool-park", "tool-swallow", "on-exit-hang", "stt-close-hang")
+            else (),
+        )
+        for hc in HANG_CLASSES
+        for path in hc.paths
     ]
+    out += [
+        Scenario("tool-awaits-aclose", "tool that awaits session.aclose()", "aclose",
+                 "An await cycle: the close waits for the tool, the tool waits for the close.",
+                 _tool_agent("aclose"), _reply_calls_tool),
+        Scenario("race-aclose-shutdown", "aclose() racing shutdown(drain=False), tool stuck", "aclose",
+                 "Two forced closes at once must share one close and one close event.",
+                 _tool_agent("park"), _reply_calls_tool, tags=("race",)),
+        Scenario("escalate-graceful", "forced aclose() joining a graceful drain, tool stuck", "aclose",
+                 "shutdown(drain=True) waits for the stuck tool forever; an aclose() that joins "
+                 "it must bound it.",
+                 _tool_agent("park"), _reply_calls_tool, tags=("escalate",)),
+        # controls: must close fast with and without the layer
+        Scenario("healthy-aclose", "nothing (control)", "aclose",
+                 "A healthy session: both close promptly, nothing forced.",
+                 _hook_agent(), _engage_now, vanilla_hangs=False, tags=("control",)),
+        Scenario("graceful-slow-tool", "slow but finite tool, graceful drain (control)", "graceful",
+                 "shutdown(drain=True) must still wait for a 1.5 s tool to finish.",
+                 _tool_agent("sleep:1.5"), _reply_calls_tool, vanilla_hangs=False, tags=("control",)),
+    ]  # fmt: skip
     return out
 
 
@@ -486,13 +408,26 @@ async def _close(ctx: Ctx, sc: Scenario) -> None:
 
 
 async def _closed_event(ctx: Ctx) -> None:
-    """The close event, then the end of the closing task that emitted it."""
-    await ctx.extra["closed"].wait()
+    """The end of the close a ``_close_soon`` path started: its close event, or (a session
+    whose start() never finished emits none) its closing task; then that task's end. A
+    closing task that was already done is a stale one (upstream never resets it)."""
     assert ctx.session is not None
     run = ctx.session.__dict__.get("_safeclose_run")
     task = run.task if run is not None else ctx.session._closing_task
-    if task is not None:
-        await asyncio.wait({task})
+    live = task is not None and not task.done()
+    waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(ctx.extra["closed"].wait())}
+    if live:
+        assert task is not None
+        waiters.add(task)
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if live:
+            assert task is not None
+            await asyncio.wait({task})
+    finally:
+        for w in waiters:
+            if w is not task:
+                w.cancel()
 
 
 def make_session(
