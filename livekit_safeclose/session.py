@@ -421,7 +421,11 @@ async def _teardown_activity(self: Session, *, reason: CloseReason, drain: bool)
             )
 
         if run.graceful:
-            await run.step("activity.aclose", activity_mod.UPSTREAM_ACLOSE(activity))
+            # a graceful close keeps upstream's aclose (it still awaits background tools and
+            # the final transcript) with the whole close bound, not one step's allowance
+            await run.step(
+                "activity.aclose", activity_mod.UPSTREAM_ACLOSE(activity), deadline=run.steps_deadline()
+            )
             if not activity._closed or run.report.abandoned[-1:] == ["activity.aclose"]:
                 run.graceful = False
                 await activity_mod.aclose_forced(activity, run, again=True)
