@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from livekit.agents.voice.agent_session import SessionConnectOptions
 
 import livekit_safeclose as lsc
 
+from ._runs import LayerForRun, cancel_since
 from .fakes import FastAudioOutput
 from .scenarios import load_vad
 from .standins import KINDS, Kind, LLMReply, ProviderServer, tone_pcm16
@@ -420,11 +420,6 @@ def _opens(server: ProviderServer, kind: Kind) -> int:
     return sum(e.startswith("open#") for e in server.events(kind))
 
 
-def _our_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-    me = asyncio.current_task()
-    return [t for t in asyncio.all_tasks() if t not in before and t is not me and not t.done()]
-
-
 async def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -432,23 +427,6 @@ async def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
             return False
         await asyncio.sleep(_POLL)
     return True
-
-
-class _Install:
-    """Install (or uninstall) the layer for a run, restore the previous state after."""
-
-    def __init__(self, patched: bool, drain_timeout: float, close_timeout: float) -> None:
-        self.prev = lsc.installed_options() if lsc.is_installed() else None
-        if patched:
-            lsc.install(drain_timeout=drain_timeout, close_timeout=close_timeout)
-        else:
-            lsc.uninstall()
-
-    def restore(self) -> None:
-        if self.prev is not None:
-            lsc.install(**dataclasses.asdict(self.prev))
-        else:
-            lsc.uninstall()
 
 
 async def _cleanup(
@@ -462,11 +440,7 @@ async def _cleanup(
     if closer is not None and not closer.done():
         await asyncio.wait({closer}, timeout=0.3)
         closer.cancel()
-    leftovers = _our_tasks(before)
-    for t in leftovers:
-        t.cancel()
-    if leftovers:
-        await asyncio.wait(leftovers, timeout=0.5)
+    await cancel_since(before)
     if models is not None:
         await models.aclose()
 
@@ -520,7 +494,7 @@ async def run_e2e_scenario(
         limit = close_timeout + 1.0 if patched or not sc.vanilla_hangs else 1.0
     if observe is None:
         observe = close_timeout if patched else 0.0
-    install = _Install(patched, drain_timeout, close_timeout)
+    install = LayerForRun(patched, drain_timeout=drain_timeout, close_timeout=close_timeout)
     saved = (server.stall, server.stall_kinds, list(server.llm_script))
     start_counts = _counters(server)
     before = set(asyncio.all_tasks())
@@ -666,7 +640,7 @@ async def run_churn(
     runs out and later sessions are refused; with the layer each close frees it."""
     if limit is None:
         limit = close_timeout + 1.0 if patched else 0.5
-    install = _Install(patched, drain_timeout, close_timeout)
+    install = LayerForRun(patched, drain_timeout=drain_timeout, close_timeout=close_timeout)
     saved = (server.stt_quota, list(server.llm_script))
     server.stt_quota = quota
     rejected0 = server.rejected(stt)
@@ -736,11 +710,7 @@ async def run_churn(
                 await asyncio.wait(pending, timeout=0.3)
             for c in pending:
                 c.cancel()
-            leftovers = _our_tasks(before)
-            for t in leftovers:
-                t.cancel()
-            if leftovers:
-                await asyncio.wait(leftovers, timeout=0.5)
+            await cancel_since(before)
             await asyncio.gather(*(m.aclose() for m in all_models), return_exceptions=True)
         finally:
             install.restore()

@@ -13,7 +13,6 @@ test asks for the ``safeclose`` fixture (optionally configured with the ``safecl
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def safeclose(request: pytest.FixtureRequest) -> Iterator[SafeCloseHarness]:
     """A :class:`SafeCloseHarness`; installs the layer for the test unless ``layer=False``."""
     # imported here, so that merely having the package installed costs a suite nothing
-    import livekit_safeclose as lsc
-
+    from ._runs import LayerForRun
     from .harness import SafeCloseHarness
 
     marker = request.node.get_closest_marker(_MARKER)
@@ -48,16 +46,11 @@ def safeclose(request: pytest.FixtureRequest) -> Iterator[SafeCloseHarness]:
         close_timeout=float(kw.get("close_timeout", 3.0)),
         layer=bool(kw.get("layer", True)),
     )
-    previous = lsc.installed_options() if lsc.is_installed() else None
-    if harness.layer:
-        lsc.install(drain_timeout=harness.drain_timeout, close_timeout=harness.close_timeout)
-    else:
-        lsc.uninstall()
+    layer = LayerForRun(
+        harness.layer, drain_timeout=harness.drain_timeout, close_timeout=harness.close_timeout
+    )
     try:
         yield harness
     finally:
         harness.release()
-        if previous is not None:
-            lsc.install(**dataclasses.asdict(previous))
-        else:
-            lsc.uninstall()
+        layer.restore()

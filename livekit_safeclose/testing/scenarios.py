@@ -9,7 +9,6 @@ along one close path, and measures the outcome.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Literal
 from livekit.agents import Agent, AgentSession, AgentTask, RunContext, function_tool, llm, stt
 from livekit.agents.voice.events import CloseReason
 
+from ._runs import LayerForRun, cancel_since, tasks_since
 from .fakes import FakeLLM, FakeReply, FakeSTT, FakeTTS, FastAudioOutput, ProviderLedger, SilenceInput
 
 ClosePath = Literal["aclose", "shutdown", "disconnect", "error", "graceful"]
@@ -466,11 +466,6 @@ def load_vad() -> Any:
     return _vad
 
 
-def _our_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-    me = asyncio.current_task()
-    return [t for t in asyncio.all_tasks() if t not in before and t is not me and not t.done()]
-
-
 async def run_scenario(
     scenario: Scenario | str,
     *,
@@ -488,11 +483,7 @@ async def run_scenario(
     import livekit_safeclose as lsc
 
     sc = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
-    prev = lsc.installed_options() if lsc.is_installed() else None
-    if patched:
-        lsc.install(drain_timeout=drain_timeout, close_timeout=close_timeout)
-    else:
-        lsc.uninstall()
+    layer = LayerForRun(patched, drain_timeout=drain_timeout, close_timeout=close_timeout)
     if limit is None:
         limit = close_timeout + 1.0 if patched or not sc.vanilla_hangs else 1.0
     before = set(asyncio.all_tasks())
@@ -548,7 +539,7 @@ async def run_scenario(
             provider_open=ctx.ledger.open_count(),
             streams_open=lsc.open_streams(session)["total"] if patched else -1,
             close_events=len(closes),
-            tasks_left=len(_our_tasks(before)),
+            tasks_left=len(tasks_since(before)),
             report=lsc.last_close_report(session) if patched else None,
             error=err,
         )
@@ -556,12 +547,5 @@ async def run_scenario(
         ctx.ledger.release()
         if closer is not None and not closer.done():
             closer.cancel()
-        leftovers = _our_tasks(before)
-        for t in leftovers:
-            t.cancel()
-        if leftovers:
-            await asyncio.wait(leftovers, timeout=0.5)
-        if prev is not None:
-            lsc.install(**dataclasses.asdict(prev))
-        else:
-            lsc.uninstall()
+        await cancel_since(before)
+        layer.restore()

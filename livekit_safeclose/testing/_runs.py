@@ -1,0 +1,43 @@
+"""Bookkeeping every test run shares: the layer installed (or not) for one run with the
+previous state restored after, and the tasks a run leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import livekit_safeclose as lsc
+
+
+class LayerForRun:
+    """Install (``patched``) or uninstall the layer for one run; ``restore()`` puts back
+    whatever was in force before, options included."""
+
+    def __init__(self, patched: bool, **options: Any) -> None:
+        self.prev = lsc.installed_options() if lsc.is_installed() else None
+        if patched:
+            lsc.install(**options)
+        else:
+            lsc.uninstall()
+
+    def restore(self) -> None:
+        if self.prev is not None:
+            lsc.install(**dataclasses.asdict(self.prev))
+        else:
+            lsc.uninstall()
+
+
+def tasks_since(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Tasks created since ``before`` that are still running (the caller excluded)."""
+    me = asyncio.current_task()
+    return [t for t in asyncio.all_tasks() if t not in before and t is not me and not t.done()]
+
+
+async def cancel_since(before: set[asyncio.Task[Any]], timeout: float = 0.5) -> None:
+    """Cancel what a run left behind and give it ``timeout`` to go (bounded: zombies stay)."""
+    leftovers = tasks_since(before)
+    for t in leftovers:
+        t.cancel()
+    if leftovers:
+        await asyncio.wait(leftovers, timeout=timeout)
