@@ -123,7 +123,14 @@ class SafeCloseHarness:
         report = last_close_report(session)
         if report is not None and report.forced and not allow_forced:
             problems.append("the close had to be forced")
+        # a task that awaited the close (a tool calling aclose()) resumes after it and ends
+        # on its own within a few loop turns: give it that, not more
         found = audit(session)
+        for _ in range(20):
+            if found.clean:
+                break
+            await asyncio.sleep(0.01)
+            found = audit(session)
         if not found.clean:
             problems.append("left behind:\n" + found.describe())
         if problems:
