@@ -55,17 +55,46 @@ def _patches() -> list[tuple[type, str, Any]]:
     ]
 
 
-def install(*, drain_timeout: float = 5.0, close_timeout: float = 10.0, close_models: bool = False) -> None:
+def install(
+    *,
+    drain_timeout: float = 5.0,
+    close_timeout: float = 10.0,
+    close_models: bool = False,
+    worker: bool = True,
+    signal_guard: bool = True,
+    drain_availability: bool = True,
+    bounded_drain_end: bool = True,
+    reject_late_accepts: bool = True,
+) -> None:
     """Patch livekit-agents process-wide. Idempotent: calling it again only changes the
     options. Raises ``ValueError``/``TypeError`` for bad options and
     :class:`IncompatibleLivekitAgents` when the installed release lacks what the patch
-    relies on (nothing is patched then). ``close_models``: after each close, also close
-    the session's own model instances (not ones another running session uses)."""
+    relies on (nothing is patched then).
+
+    ``close_models``: after each close, also close the session's own model instances (not
+    ones another running session uses). ``worker`` and the four flags after it harden the
+    worker's lifecycle (see README, "Deploying and draining"); each part can be opted out
+    of, ``worker=False`` skips them all. They are inert in a process that runs no worker."""
     options = Options.validated(drain_timeout, close_timeout, close_models)
+    flags = {
+        "signal_guard": signal_guard,
+        "drain_availability": drain_availability,
+        "bounded_drain_end": bounded_drain_end,
+        "reject_late_accepts": reject_late_accepts,
+    }
+    for name, value in (("worker", worker), *flags.items()):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
     from . import session, streams
+    from . import worker as worker_mod
 
     if not _saved:
         check()
+    if worker:
+        worker_mod.install_worker(close_timeout=options.close_timeout, **flags)
+    else:
+        worker_mod.uninstall_worker()
+    if not _saved:
         for owner, name, value in _patches():
             _saved[(owner, name)] = owner.__dict__.get(name, _ABSENT)
             setattr(owner, name, value)
@@ -76,7 +105,9 @@ def install(*, drain_timeout: float = 5.0, close_timeout: float = 10.0, close_mo
 def uninstall() -> None:
     """Restore every original exactly (a no-op when not installed)."""
     from . import session, streams
+    from . import worker as worker_mod
 
+    worker_mod.uninstall_worker()
     for (owner, name), original in list(_saved.items()):
         if original is _ABSENT:
             delattr(owner, name)
