@@ -65,7 +65,13 @@ def _init_names(cls: type) -> set[str]:
 def _targets() -> dict[str, Any]:
     from livekit.agents import llm, stt, tts
     from livekit.agents.voice import agent as agent_mod
-    from livekit.agents.voice import agent_activity, agent_session, tool_executor
+    from livekit.agents.voice import (
+        agent_activity,
+        agent_session,
+        audio_recognition,
+        speech_handle,
+        tool_executor,
+    )
 
     return {
         "AgentSession": agent_session.AgentSession,
@@ -74,6 +80,9 @@ def _targets() -> dict[str, Any]:
         "_ToolExecutor": tool_executor._ToolExecutor,
         "agent_activity": agent_activity,
         "agent": agent_mod,
+        "SpeechHandle": speech_handle.SpeechHandle,
+        "AudioRecognition": audio_recognition.AudioRecognition,
+        "_STTPipeline": audio_recognition._STTPipeline,
         "RecognizeStream": stt.RecognizeStream,
         "SynthesizeStream": tts.SynthesizeStream,
         "ChunkedStream": tts.ChunkedStream,
@@ -115,6 +124,11 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("AgentActivity", "_close_session", "method"),
     Requirement("AgentActivity", "_interrupt_background_speeches", "method", ("force",)),
     Requirement("AgentActivity", "_cancel_preemptive_generation", "method"),
+    Requirement("AgentActivity", "_add_drain_blocked_tasks", "method"),
+    Requirement("SpeechHandle", "_tasks", "init_attr"),
+    Requirement("AudioRecognition", "_commit_user_turn", "method", ("audio_detached", "transcript_timeout")),
+    Requirement("AudioRecognition", "_stt_pipeline", "init_attr"),
+    Requirement("_STTPipeline", "_recognize_stream", "init_attr"),
     *(
         Requirement("AgentActivity", n, "init_attr")
         for n in (
