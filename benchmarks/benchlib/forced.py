@@ -1,0 +1,120 @@
+"""Section 2: forced close time per hang class (every catalogue scenario that hangs on
+vanilla), measured against the configured bounds.
+
+Two numbers per scenario, because the layer's close is not one wait: the drain bound is
+followed by the final-transcript wait and the model teardown.
+
+* whole close: from the close request until it returned, against ``close_timeout``;
+* drain: from the start of the close (or of the escalation, for a graceful close a
+  forced one joined) until the drain phase ended, against ``drain_timeout``. The drain
+  phase is the ``activity.drain`` step of the close report (plus, where they occur, the
+  ``agent_task.wait_for_inactive`` and ``session.start`` steps bounded by the same
+  deadline). Report steps carry only their own duration, so the time each step ended is
+  taken by wrapping ``CloseRun.record`` in this process (read-only: it calls through).
+
+Vanilla gets one run per scenario and a fixed wait: it never closes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from livekit_safeclose import _run
+from livekit_safeclose.testing.scenarios import SCENARIOS, run_scenario
+
+from .common import pct
+
+DRAIN_STEPS = ("activity.drain", "agent_task.wait_for_inactive", "session.start")
+DRAIN_TIMEOUT = 0.5
+CLOSE_TIMEOUT = 2.0
+
+#: report id -> [(step name, ms since the close (or the escalation) started)]
+_marks: dict[int, list[tuple[str, float]]] = {}
+
+
+def _instrument() -> None:
+    """Timestamp each report step as it is recorded, and each escalation."""
+    cls: Any = _run.CloseRun
+    if getattr(cls, "_bench_wrapped", False):
+        return
+    record, escalate = cls.record, cls.escalate
+
+    def _record(self: Any, name: str, ms: float, outcome: Any, detail: str = "") -> None:
+        ref = self.__dict__.get("_bench_escalated_at", self.t0)
+        _marks.setdefault(id(self.report), []).append((name, (time.monotonic() - ref) * 1000))
+        record(self, name, ms, outcome, detail)
+
+    def _escalate(self: Any) -> None:
+        if self.graceful:
+            self.__dict__["_bench_escalated_at"] = time.monotonic()
+        escalate(self)
+
+    cls.record, cls.escalate, cls._bench_wrapped = _record, _escalate, True
+
+
+def _scenario_ids(quick: bool) -> list[str]:
+    ids = [s.id for s in SCENARIOS.values() if s.vanilla_hangs]
+    if not quick:
+        return ids
+    # one path per hang class (and the race/escalation/await-cycle specials)
+    seen: set[str] = set()
+    out: list[str] = []
+    for sid in ids:
+        suffix = "-" + SCENARIOS[sid].path
+        key = sid.removesuffix(suffix)
+        if key not in seen:
+            seen.add(key)
+            out.append(sid)
+    return out
+
+
+async def run(mode: str, quick: bool) -> dict[str, Any]:
+    ids = _scenario_ids(quick)
+    if mode == "vanilla":
+        wait = 0.5 if quick else 1.0
+        rows = []
+        for sid in ids:
+            out = await run_scenario(sid, patched=False, limit=wait)
+            rows.append(
+                {"scenario": sid, "closed": out.closed, "ms": out.ms, "provider_open": out.provider_open}
+            )
+        return {"wait_s": wait, "rows": rows}
+    _instrument()
+    k = 1 if quick else 5
+    rows = []
+    for sid in ids:
+        closes: list[float] = []
+        drains: list[float] = []
+        clean = forced = 0
+        steps: list[dict[str, Any]] = []
+        for _ in range(k):
+            out = await run_scenario(
+                sid, patched=True, drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT
+            )
+            closes.append(out.ms)
+            # a close during start() emits no close event (start never finished): as `check`
+            clean += out.clean or (SCENARIOS[sid].during_start and out.closed and out.provider_open == 0)
+            rep = out.report
+            if rep is not None:
+                forced += rep.forced
+                ends = [t for name, t in _marks.pop(id(rep), []) if name in DRAIN_STEPS]
+                if ends:
+                    drains.append(max(ends))
+                steps = [{"name": s.name, "ms": s.ms, "outcome": s.outcome} for s in rep.steps]
+        rows.append(
+            {
+                "scenario": sid,
+                "path": SCENARIOS[sid].path,
+                "k": k,
+                "close_ms_p99": round(pct(closes, 99), 1),
+                "close_ms_max": round(max(closes), 1),
+                "over_close_ms_p99": round(pct(closes, 99) - CLOSE_TIMEOUT * 1000, 1),
+                "drain_end_ms_p99": round(pct(drains, 99), 1) if drains else None,
+                "over_drain_ms_p99": round(pct(drains, 99) - DRAIN_TIMEOUT * 1000, 1) if drains else None,
+                "clean": clean,
+                "forced": forced,
+                "last_steps": steps,
+            }
+        )
+    return {"drain_timeout_s": DRAIN_TIMEOUT, "close_timeout_s": CLOSE_TIMEOUT, "k": k, "rows": rows}
