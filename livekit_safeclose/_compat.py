@@ -158,6 +158,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("AgentTask", "_old_agent", "init_attr"),
     Requirement("agent_activity", "_AgentActivityContextVar", "module_attr"),
     Requirement("agent_activity", "_get_activity_task_info", "module_attr"),
+    Requirement("agent", "_get_activity_task_info", "module_attr"),
     Requirement("RecognizeStream", "_task", "init_attr"),
     Requirement("SynthesizeStream", "_task", "init_attr"),
     Requirement("ChunkedStream", "_synthesize_task", "init_attr"),

@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from livekit.agents.voice.agent import AgentTask
+from livekit.agents.voice.agent import AgentTask, _get_activity_task_info
 from livekit.agents.voice.agent_activity import AgentActivity, _AgentActivityContextVar
 from livekit.agents.voice.agent_session import AgentSession as _UpstreamAgentSession
 from livekit.agents.voice.events import CloseReason
@@ -158,6 +158,17 @@ async def _aclose_impl(
     finally:
         if me is not None:
             run.waiters.discard(me)
+            # a tool that awaited the close resumes after it; the end of its speech re-arms
+            # upstream's user-away timer on the closed session, which would pin it for 15 s
+            info = _get_activity_task_info(me)
+            handle = info.speech_handle if info is not None else None
+            for t in [me, *(handle._tasks if handle is not None else [])]:
+                t.add_done_callback(lambda _: _disarm_after_close(self))
+
+
+def _disarm_after_close(session: Session) -> None:
+    if not session._started:
+        session._cancel_user_away_timer()
 
 
 def _close_soon(

@@ -69,6 +69,23 @@ async def test_audit_lists_zombies_with_their_stack() -> None:
     assert not [z for z in lsc.audit(session).zombies if z.name.startswith("tool_exec_lookup")]
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_tool_that_awaited_aclose_leaves_no_timer_behind() -> None:
+    """The tool resumes after the close and ends; upstream then arms the user-away timer
+    on the closed session (15 s of a pinned session and a wake-up). The layer disarms it."""
+    lsc.install(drain_timeout=0.5, close_timeout=2.0)
+    ctx = Ctx()
+    ctx.script = [FakeReply(tool_calls=[("lookup", {})])]
+    session = ctx.session = make_session(ctx)
+    await session.start(ScenarioAgent(ctx, tool="aclose"))
+    session.generate_reply(user_input="hang up")
+    await asyncio.wait_for(ctx.tool_finished.wait(), 5)
+    await asyncio.sleep(0.2)
+    found = lsc.audit(session)
+    assert found.clean, found.describe()
+
+
 USER_AGENT = textwrap.dedent(
     """
     import asyncio
