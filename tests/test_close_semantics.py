@@ -63,6 +63,8 @@ async def test_graceful_close_keeps_the_full_transcript_wait() -> None:
     session.shutdown(drain=True)
     while not closes:
         await asyncio.sleep(0.02)
+    # the report is published when the close ends, a moment after the close event
+    await asyncio.wait({session.__dict__["_safeclose_run"].task})
     assert time.monotonic() - t0 >= 1.9
     report = lsc.last_close_report(session)
     assert report is not None and not report.forced, report.to_dict()
@@ -140,6 +142,8 @@ async def test_graceful_drain_still_waits_for_a_slow_tool() -> None:
     session.shutdown(drain=True)
     while not closes:
         await asyncio.sleep(0.02)
+    # the report is published when the close ends, a moment after the close event
+    await asyncio.wait({session.__dict__["_safeclose_run"].task})
     assert time.monotonic() - t0 >= 1.4  # neither the drain nor the close bound cut it
     assert ctx.tool_finished.is_set()
     report = lsc.last_close_report(session)
