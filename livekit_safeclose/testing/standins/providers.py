@@ -555,6 +555,15 @@ class ProviderServer:
                 await on_idle()
                 return
 
+    async def _open_inference_ws(
+        self, conn: _Conn, request: web.Request
+    ) -> web.WebSocketResponse[bool] | web.StreamResponse:
+        """The inference kinds' gate: the signed token first (401), then :meth:`_open_ws`."""
+        if not self._authorized_inference(request):
+            self._event(conn.kind, f"unauthorized#{conn.id}")
+            return web.json_response({"error": "invalid token"}, status=401)
+        return await self._open_ws(conn, request)
+
     async def _open_ws(
         self, conn: _Conn, request: web.Request
     ) -> web.WebSocketResponse[bool] | web.StreamResponse:
@@ -609,10 +618,7 @@ class ProviderServer:
     async def _handle_inference_stt(self, request: web.Request) -> web.StreamResponse:
         conn = self._admit("inference_stt", request)
         try:
-            if not self._authorized_inference(request):
-                self._event(conn.kind, f"unauthorized#{conn.id}")
-                return web.json_response({"error": "invalid token"}, status=401)
-            res = await self._open_ws(conn, request)
+            res = await self._open_inference_ws(conn, request)
             if not isinstance(res, web.WebSocketResponse):
                 return res
             ws = res
@@ -732,10 +738,7 @@ class ProviderServer:
     async def _handle_inference_tts(self, request: web.Request) -> web.StreamResponse:
         conn = self._admit("inference_tts", request)
         try:
-            if not self._authorized_inference(request):
-                self._event(conn.kind, f"unauthorized#{conn.id}")
-                return web.json_response({"error": "invalid token"}, status=401)
-            res = await self._open_ws(conn, request)
+            res = await self._open_inference_ws(conn, request)
             if not isinstance(res, web.WebSocketResponse):
                 return res
             if self._stall_for(conn.kind) == "never_answer":
