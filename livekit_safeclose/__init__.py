@@ -3,30 +3,34 @@
 ``install()`` patches livekit-agents so a forced close (``aclose()``,
 ``shutdown(drain=False)``, close-on-disconnect, error close) gives in-flight speech
 ``drain_timeout`` to settle, force-cancels what is stuck, always closes the provider
-streams, and returns within ``close_timeout``. Graceful drains are unchanged.
+streams, and returns within ``close_timeout``. Graceful drains are unchanged. Every patched
+target is a row of :mod:`livekit_safeclose.patch_table`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._compat import SUPPORTED_RANGE, IncompatibleLivekitAgents, check
-from ._run import Options
-from .leftovers import Audit, audit
+from . import options as _options
+from .audit import Audit, audit
+from .compat import TESTED_RANGE, IncompatibleLivekitAgents
+from .options import Options
 from .report import CloseReport, StepRecord, StuckTask, last_close_report
 from .streams import open_streams
 
 __all__ = [
-    "SUPPORTED_RANGE",
+    "TESTED_RANGE",
     "AgentSession",
     "Audit",
     "CloseReport",
     "IncompatibleLivekitAgents",
+    "Options",
     "StepRecord",
     "StuckTask",
     "audit",
     "install",
     "installed_options",
+    "installed_parts",
     "is_installed",
     "last_close_report",
     "open_streams",
@@ -34,25 +38,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-# (owner class, attribute) -> original value, or _ABSENT when the attribute was new
-_ABSENT = object()
-_saved: dict[tuple[type, str], Any] = {}
-
-
-def _patches() -> list[tuple[type, str, Any]]:
-    from livekit.agents.voice.agent_activity import AgentActivity
-    from livekit.agents.voice.agent_session import AgentSession as Upstream
-
-    from . import activity, session
-
-    return [
-        (Upstream, "_aclose_impl", session._aclose_impl),
-        (Upstream, "_close_soon", session._close_soon),
-        (Upstream, "_teardown_activity", session._teardown_activity),
-        (AgentActivity, "aclose", activity.aclose),
-        (AgentActivity, "_force_cancel_speech_tasks", activity._force_cancel_speech_tasks),
-    ]
 
 
 def install(
@@ -65,74 +50,65 @@ def install(
     drain_availability: bool = True,
     bounded_drain_end: bool = True,
     reject_late_accepts: bool = True,
+    force_close_on_second_signal: bool = False,
 ) -> None:
-    """Patch livekit-agents process-wide. Idempotent: calling it again only changes the
-    options. Raises ``ValueError``/``TypeError`` for bad options and
-    :class:`IncompatibleLivekitAgents` when the installed release lacks what the patch
-    relies on (nothing is patched then).
+    """Patch livekit-agents process-wide (see README, "Options").
 
-    ``close_models``: after each close, also close the session's own model instances (not
-    ones another running session uses). ``worker`` and the four flags after it harden the
-    worker's lifecycle (see README, "Deploying and draining"); each part can be opted out
-    of, ``worker=False`` skips them all. They are inert in a process that runs no worker."""
-    options = Options.validated(drain_timeout, close_timeout, close_models)
-    flags = {
-        "signal_guard": signal_guard,
-        "drain_availability": drain_availability,
-        "bounded_drain_end": bounded_drain_end,
-        "reject_late_accepts": reject_late_accepts,
-    }
-    for name, value in (("worker", worker), *flags.items()):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
-    from . import session, streams
-    from . import worker as worker_mod
+    Idempotent: calling it again only changes the options (and the parts they enable).
+    Raises ``TypeError``/``ValueError`` for bad options and :class:`IncompatibleLivekitAgents`
+    when the installed release lacks what the close relies on; nothing is patched then. A
+    worker part the release cannot support is refused by name in a WARNING, and the rest
+    installs."""
+    from . import compat, patching
+    from .patch_table import PATCHES
 
-    if not _saved:
-        check()
-    if worker:
-        worker_mod.install_worker(close_timeout=options.close_timeout, **flags)
-    else:
-        worker_mod.uninstall_worker()
-    if not _saved:
-        for owner, name, value in _patches():
-            _saved[(owner, name)] = owner.__dict__.get(name, _ABSENT)
-            setattr(owner, name, value)
-        streams.install()
-    session.set_installed_options(options)
+    options = Options.validated(
+        drain_timeout=drain_timeout,
+        close_timeout=close_timeout,
+        close_models=close_models,
+        worker=worker,
+        signal_guard=signal_guard,
+        drain_availability=drain_availability,
+        bounded_drain_end=bounded_drain_end,
+        reject_late_accepts=reject_late_accepts,
+        force_close_on_second_signal=force_close_on_second_signal,
+    )
+    parts = compat.check(options.parts())
+    patching.apply(PATCHES, parts, options)
+    _options.set_in_force(options)
 
 
 def uninstall() -> None:
-    """Restore every original exactly (a no-op when not installed)."""
-    from . import session, streams
-    from . import worker as worker_mod
+    """Restore every original exactly (a no-op when nothing is patched)."""
+    from . import patching
 
-    worker_mod.uninstall_worker()
-    for (owner, name), original in list(_saved.items()):
-        if original is _ABSENT:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
-    _saved.clear()
-    streams.uninstall()
-    session.set_installed_options(None)
+    patching.revert_all()
+    _options.set_in_force(None)
 
 
 def is_installed() -> bool:
-    return bool(_saved)
+    """True while ``install()`` is in force."""
+    return _options.in_force() is not None
 
 
 def installed_options() -> Options | None:
-    """The bounds in force process-wide, ``None`` when not installed."""
-    from . import session
+    """Every option in force (``install(**opts.as_dict())`` restores them), ``None`` when
+    not installed."""
+    return _options.in_force()
 
-    return session._installed_options
+
+def installed_parts() -> set[str]:
+    """The parts of the patch table that are applied (``core``, ``stream_ledger`` and the
+    worker parts)."""
+    from . import patching
+
+    return set(patching.applied_parts())
 
 
 def __getattr__(name: str) -> Any:
-    # the subclass imports livekit-agents' voice module: load it only when asked for
+    # the subclass needs livekit-agents and the compatibility check: built when asked for
     if name == "AgentSession":
-        from .session import AgentSession
+        from .session_class import agent_session_class
 
-        return AgentSession
+        return agent_session_class()
     raise AttributeError(name)

@@ -1,171 +1,228 @@
-"""AgentActivity side of a forced close: stop what is stuck without the activity lock.
+"""AgentActivity side of a bounded close: upstream's ``drain()`` and ``aclose()``, watched.
 
 Upstream's ``drain()`` holds ``AgentActivity._lock`` while it waits for every speech task,
 and ``aclose()`` needs that lock before it closes the models. One speech task that never
-settles therefore keeps the STT/TTS/LLM streams open forever. The two functions here are
-the bodies an upstream fix would add: a lock-free force-cancel, and an ``aclose()`` whose
-every wait is bounded when the session is force-closing.
+settles therefore keeps the STT/TTS/LLM streams open forever. Both wrappers below run the
+upstream method unchanged, in a task watched by the close's deadlines; only when a bound
+passes do they act, and then without the lock.
+
+Cancellation rules enforced here:
+
+* **force** (:func:`force`): at the drain bound, every unsettled speech, tool and
+  scheduling task of the activity is cancelled lock-free; ``drain()`` then unwinds by
+  itself and the wrapper turns that cancellation into a normal return;
+* **quarantine** (:func:`quarantine`): a forced task still running one unwind grace later
+  swallowed the cancellation (a zombie). It is taken out of upstream's bookkeeping (its tool
+  entry dropped, its speech handle marked done, as upstream's own interruption timeout does)
+  so no upstream wait is computed from it again;
+* a ``drain()`` still stuck after that is abandoned with the lock held; the activity's
+  ``aclose()`` then runs on a fresh lock, since the old one will never be released in time;
+* a forced ``aclose()`` cancels every tool (cancellable or not) before upstream's body runs,
+  and stops the session's streams from outside when a model close waits on its provider.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from livekit.agents import llm
-from livekit.agents.voice.agent_activity import AgentActivity
+from .bounded_close import MODEL_CLOSE_ALLOWANCE, BoundedClose, closing_of
+from .report import StepOutcome
+from .stacks import frames
 
-from ._run import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, CloseRun
-from .report import stuck_task
-
-#: upstream ``AgentActivity.aclose``, kept for handoffs and graceful closes
-UPSTREAM_ACLOSE = AgentActivity.__dict__["aclose"]
+Method = Callable[..., Coroutine[Any, Any, Any]]
 
 
-def _forced_run(activity: AgentActivity) -> CloseRun | None:
-    run: CloseRun | None = activity._session.__dict__.get("_safeclose_run")
-    if run is None or run.graceful or (run.task is not None and run.task.done()):
-        return None
-    return run
+def tool_tasks(activity: Any) -> list[asyncio.Task[Any]]:
+    return [rt.exe_task for rt in list(activity._tool_executor._running_tasks.values())]
 
 
-def unsettled_tasks(
-    activity: AgentActivity, spare: set[asyncio.Task[Any]] | None = None
-) -> list[asyncio.Task[Any]]:
-    """Speech tasks (``on_enter``/``on_exit`` included) and tool tasks still running."""
-    spare = spare or set()
-    tasks = [t for t in list(activity._speech_tasks) if not t.done()]
-    tasks += [
-        rt.exe_task for rt in list(activity._tool_executor._running_tasks.values()) if not rt.exe_task.done()
-    ]
-    if (t := activity._user_turn_completed_atask) is not None and not t.done():
-        tasks.append(t)
-    return [t for t in tasks if t not in spare]
+def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
+    """Speech tasks (``on_enter``/``on_exit`` included) and tool tasks that have not ended:
+    what ``drain()`` and ``aclose()`` wait on."""
+    return [t for t in list(activity._speech_tasks) + tool_tasks(activity) if not t.done()]
 
 
-def _force_cancel_speech_tasks(
-    self: AgentActivity, *, spare: set[asyncio.Task[Any]] | None = None
-) -> list[asyncio.Task[Any]]:
-    """New ``AgentActivity._force_cancel_speech_tasks``: cancel the scheduling task and every
-    speech and tool task that has not settled, *without taking the lock*.
-
-    ``drain()`` holds the lock while it waits on exactly these tasks, so this is the only
-    way to make it unwind. Returns the tasks it cancelled; it awaits nothing, because a task
-    that swallows cancellation must not be able to hold the caller.
-    """
-    self._cancel_preemptive_generation()
-    tasks = unsettled_tasks(self, spare)
-    for task in tasks:
-        task.cancel()
-    sched = self._scheduling_atask
-    if sched is not None and not sched.done():
-        sched.cancel()
+def force(close: BoundedClose, activity: Any) -> None:
+    """Cancel the activity's unsettled tasks and its scheduling task, taking no lock and
+    awaiting nothing: ``drain()`` holds the lock while it waits on exactly these."""
+    tasks = unsettled_tasks(activity)
+    if (sched := activity._scheduling_atask) is not None and not sched.done():
         tasks.append(sched)
-    return tasks
+    close.cancel(tasks)
 
 
-async def _acquire(lock: asyncio.Lock, timeout: float) -> bool:
-    """Take ``lock`` within ``timeout``; never leaves it taken on timeout."""
-    if not lock.locked():
-        await lock.acquire()
+def quarantine(close: BoundedClose, activity: Any) -> None:
+    """Take the activity's zombies out of upstream's bookkeeping (see the module doc)."""
+    from livekit.agents.voice.agent import _get_activity_task_info
+
+    stuck = [t for t in unsettled_tasks(activity) if t in close.cancelled_tasks]
+    close.mark_zombies(stuck)
+    executor = activity._tool_executor
+    for call_id, running in list(executor._running_tasks.items()):
+        if running.exe_task in close.zombies:
+            executor._running_tasks.pop(call_id, None)
+    for task in stuck:
+        info = _get_activity_task_info(task)
+        handle = info.speech_handle if info is not None else None
+        if handle is not None and not handle.done():
+            handle._mark_done()
+
+
+def spare_waiters(close: BoundedClose, activity: Any) -> None:
+    """A tool awaiting the close resumes after it and must finish: upstream's ``aclose``
+    cancels every tool it knows of, so the close's waiters are taken out of its
+    bookkeeping first (their own end removes the entry anyway)."""
+    executor = activity._tool_executor
+    for call_id, running in list(executor._running_tasks.items()):
+        if running.exe_task in close.waiters:
+            executor._running_tasks.pop(call_id, None)
+
+
+def _outcome(fut: asyncio.Future[Any]) -> tuple[StepOutcome, str]:
+    if fut.cancelled():
+        return "cancelled", ""
+    exc = fut.exception()
+    return ("error", f"{type(exc).__name__}: {exc}") if exc is not None else ("done", "")
+
+
+async def settle_drain_phase(close: BoundedClose, activities: list[Any], fut: asyncio.Future[Any]) -> bool:
+    """The drain bound passed while ``fut`` waits on speech: force, let it unwind,
+    quarantine what did not, let it unwind again. True when ``fut`` finished (or the close
+    left its drain phase)."""
+    for act in activities:
+        force(close, act)
+    if await close.wait_phase_change(fut, "drain", close.grace()):
         return True
-    acq = asyncio.ensure_future(lock.acquire())
-    await asyncio.wait({acq}, timeout=timeout)
-    if acq.done() and not acq.cancelled():
-        return True
-    acq.cancel()
-    await asyncio.wait({acq})
-    if acq.done() and not acq.cancelled() and acq.exception() is None:
-        lock.release()
-    return False
+    for act in activities:
+        quarantine(close, act)
+    return await close.wait_phase_change(fut, "drain", close.grace())
 
 
-async def aclose(self: AgentActivity) -> None:
-    """Replaces ``AgentActivity.aclose``.
+def wrap_drain(original: Method, _options: Any) -> Method:
+    """Patch-table factory for ``AgentActivity.drain``."""
 
-    Handoffs and graceful closes run upstream's body unchanged. When the session is
-    force-closing, the same steps run with every wait bounded by the close's deadline:
-    tools are cancelled (not awaited) before the models are closed, and if an abandoned
-    ``drain()`` still holds the lock the models are closed without it.
-    """
-    run = _forced_run(self)
-    if run is None:
-        await UPSTREAM_ACLOSE(self)
-        return
-    await aclose_forced(self, run)
+    @functools.wraps(original)
+    async def drain(self: Any, *args: Any, **kwargs: Any) -> Any:
+        close = closing_of(self._session)
+        if close is None:
+            return await original(self, *args, **kwargs)
+        close.touch(self)
+        start = time.monotonic()
+        inner = asyncio.ensure_future(original(self, *args, **kwargs))
+        forced = False
+        try:
+            if not await close.wait_phase(inner, drain=True):
+                forced = True
+                force(close, self)
+                if not await close.wait_until(inner, close.grace()):
+                    quarantine(close, self)
+                    await close.wait_until(inner, close.grace())
+        except asyncio.CancelledError:
+            inner.cancel()
+            raise
+        if not inner.done():
+            # a zombie keeps drain() parked, and the lock with it
+            close.held_by_abandoned_drain.add(id(self))
+            close.abandon("activity.drain", inner, start)
+            return None
+        outcome, detail = _outcome(inner)
+        close.record("activity.drain", start, "timeout" if forced else outcome, detail)
+        if outcome == "error" and not forced:
+            raise inner.exception()  # type: ignore[misc]
+        return inner.result() if outcome == "done" else None
+
+    return drain
 
 
-async def _close_models(self: AgentActivity, run: CloseRun) -> None:
-    """``_close_session()``, bounded. If the models do not close within the final
-    transcript wait plus an allowance, a stream is waiting on its provider: stop the
-    session's streams from outside and give the close a moment to finish by itself."""
-    start = time.monotonic()
-    task = asyncio.ensure_future(self._close_session())
-    first = min(run.steps_deadline(), start + run.transcript_timeout + MODEL_CLOSE_ALLOWANCE)
-    if not await run.wait(task, first):
-        await run.sweep_streams(self._session, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE))
-        if not await run.wait(task, min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)):
-            run.report.stuck.append(stuck_task(task))
-            run.report.abandoned.append("activity._close_session")
-            run.pending.append(task)
-            run.report.forced = True
-            run.record("activity._close_session", (time.monotonic() - start) * 1000, "abandoned")
+def wrap_aclose(original: Method, _options: Any) -> Method:
+    """Patch-table factory for ``AgentActivity.aclose``."""
+
+    @functools.wraps(original)
+    async def aclose(self: Any) -> None:
+        close = closing_of(self._session)
+        if close is None or self._closed:
+            await original(self)
             return
-    ms = (time.monotonic() - start) * 1000
-    exc = None if task.cancelled() else task.exception()
-    run.record("activity._close_session", ms, "error" if exc else "done", repr(exc) if exc else "")
-    run.report.torn_down.append("activity._close_session")
+        teardown = asyncio.current_task() is close.upstream  # not a handoff's aclose
+        if close.graceful and not teardown:
+            await original(self)  # a handoff during a graceful close: untouched
+            return
+        close.touch(self)
+        if teardown:
+            close.enter_phase("models")
+        try:
+            if close.graceful:
+                abandoned = await _graceful(close, self, original)
+                if abandoned is not None:
+                    close.escalate()
+                    await close.sweep_streams(self._session, close.grace())
+                    await _complete(close, self, abandoned)
+            else:
+                await _forced(close, self, original)
+        finally:
+            if teardown:
+                close.enter_phase("steps")
+
+    return aclose
 
 
-async def aclose_forced(self: AgentActivity, run: CloseRun, *, again: bool = False) -> None:
-    """The bounded ``aclose`` used by a forced close (see :func:`aclose`). ``again``:
-    upstream's ``aclose()`` was abandoned half-way (it holds the lock): finish its job."""
-    if self._closed and not again:
-        return
-    grace_deadline = min(run.steps_deadline(), time.monotonic() + UNWIND_GRACE)
-    no_wait = run.lock_abandoned or again
-    held = await _acquire(self._lock, 0.0 if no_wait else run.left(grace_deadline))
-    if not held:
-        run.report.forced = True
-        run.record(
-            "activity.lock", UNWIND_GRACE * 1000, "timeout", "held by an abandoned task; closing without it"
-        )
-    try:
-        self._closed = True
-        self._scheduling_resumed.set()
-        self._cancel_preemptive_generation()
-        await run.step("keyterm_detector.aclose", self._session._keyterm_detector.aclose())
-        self._on_exit_task = None
+async def _graceful(close: BoundedClose, activity: Any, original: Method) -> asyncio.Future[Any] | None:
+    """Upstream's aclose with the whole close bound (it still awaits background tools and
+    the final transcript). ``None`` when it finished, else the abandoned task."""
+    spare_waiters(close, activity)
+    start = time.monotonic()
+    inner = asyncio.ensure_future(original(activity))
+    if not await close.wait_until(inner, close.steps_deadline()):
+        close.abandon("activity.aclose", inner, start)
+        return inner
+    close.record("activity.aclose", start, *_outcome(inner))
+    return None
 
-        # a forced close cancels every tool, cancellable or not, before closing the models
-        executor = self._tool_executor
-        await run.cancel_and_settle("tools.cancel", [rt.exe_task for rt in list(executor._running_tasks.values())])
 
-        if not held and not self._lock.locked():
-            held = await _acquire(self._lock, 0)
-        # closes the realtime session and the audio recognition (STT stream), after the
-        # final user transcript was given its full session_close_transcript_timeout
-        await _close_models(self, run)
+async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
+    """A forced close of ``activity``: every tool cancelled, then upstream's ``aclose``
+    watched; the session's streams stopped from outside when a model close hangs, and what
+    an abandoned ``aclose`` never reached completed."""
+    await close.settle("tools.cancel", tool_tasks(activity))
+    quarantine(close, activity)
+    spare_waiters(close, activity)
+    if id(activity) in close.held_by_abandoned_drain:
+        # the abandoned drain keeps the old lock; the close goes on without it
+        activity._lock = asyncio.Lock()
+        close.record("activity.lock", time.monotonic(), "timeout", "held by an abandoned drain: a fresh lock")
+    start = time.monotonic()
+    inner = asyncio.ensure_future(original(activity))
+    first = min(close.steps_deadline(), start + close.transcript_timeout + MODEL_CLOSE_ALLOWANCE)
+    if not await close.wait_until(inner, first):
+        await close.sweep_streams(activity._session, close.grace())
+        if not await close.wait_until(inner, close.grace()):
+            close.abandon("activity.aclose", inner, start)
+            await _complete(close, activity, inner)
+            return
+    close.record("activity.aclose", start, *_outcome(inner))
 
-        speeches = self._interrupt_background_speeches(force=True)
-        await run.cancel_and_settle("background_speeches", [t for s in speeches for t in s._tasks])
-        if self._scheduling_atask is not None:
-            await run.cancel_and_settle("scheduling_task.cancel", [self._scheduling_atask])
 
-        toolsets = list(self._mcp_tools) + [t for t in self._agent.tools if isinstance(t, llm.Toolset)]
-        if toolsets:
-            await run.step(
-                "agent_toolsets.aclose",
-                asyncio.gather(*(ts.aclose() for ts in toolsets), return_exceptions=True),
-            )
+async def _complete(close: BoundedClose, activity: Any, abandoned: asyncio.Future[Any]) -> None:
+    """What an abandoned ``aclose`` did not reach: the audio recognition (the STT stream;
+    upstream closes it only after the realtime session), the activity's own tasks, and the
+    agent's link to the activity (a restart with the same agent needs it cleared)."""
+    recognition = activity._audio_recognition
+    if recognition is not None and not _inside(abandoned, recognition):
+        await close.step("audio_recognition.aclose", recognition._aclose(), deadline=close.grace())
+    rest = unsettled_tasks(activity)
+    if (sched := activity._scheduling_atask) is not None:
+        rest.append(sched)
+    await close.settle("activity.tasks", rest)
+    if activity.agent._activity is activity:
+        activity.agent._activity = None
 
-        executor._pending_updates.clear()
-        rest = [rt.exe_task for rt in executor._running_tasks.values()]
-        if executor._reply_task is not None:
-            rest.append(executor._reply_task)
-        await run.cancel_and_settle("tool_executor.aclose", rest)
-        self._agent._activity = None
-    finally:
-        if held:
-            self._lock.release()
+
+def _inside(fut: asyncio.Future[Any], owner: Any) -> bool:
+    """True when ``fut`` is parked in a method of ``owner``."""
+    if not isinstance(fut, asyncio.Task):
+        return False
+    return any(f.f_locals.get("self") is owner for f in frames(fut, into_tasks=False))

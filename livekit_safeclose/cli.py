@@ -163,11 +163,11 @@ def _verdict(sc: Any, v: dict[str, Any], lay: dict[str, Any]) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from . import _compat
+    from . import compat
     from .testing.scenarios import SCENARIOS
 
     ids, e2e_ids = _scenario_ids(args.only, args.e2e)
-    version = _compat.installed_version()
+    version = compat.installed_version()
     print(
         f"livekit-safeclose check: {len(ids) + len(e2e_ids)} scenario(s) on livekit-agents {version}, "
         f"drain_timeout={args.drain_timeout}s close_timeout={args.close_timeout}s "

@@ -13,12 +13,16 @@ import logging
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
-from types import CoroutineType, FrameType, GeneratorType
 from typing import Any, Literal
+
+from .stacks import await_chain, parked_at, task_name
 
 logger = logging.getLogger("livekit.agents.safeclose")
 
-StepOutcome = Literal["done", "error", "timeout", "abandoned", "skipped"]
+#: how a bounded step ended: it finished (``done``), raised (``error``), was cancelled
+#: from outside (``cancelled``), hit its bound and was stopped (``timeout``), or hit its
+#: bound and was left running (``abandoned``)
+StepOutcome = Literal["done", "error", "cancelled", "timeout", "abandoned"]
 
 _MAX_STACK = 8
 
@@ -63,6 +67,11 @@ class CloseReport:
     torn_down: list[str] = field(default_factory=list)
     streams_closed_by_force: list[str] = field(default_factory=list)
     streams_left_open: list[str] = field(default_factory=list)
+    #: ms since the close began at which each phase of upstream's close began (``drain``,
+    #: ``models``, ``steps``, ``after``)
+    phases: dict[str, float] = field(default_factory=dict)
+    #: ms since the close began at which a forced close joined this graceful one
+    escalated_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,62 +119,6 @@ def emit(session: Any, report: CloseReport) -> None:
         logger.debug("session closed cleanly in %.0f ms", report.duration_ms)
 
 
-def _frame_line(frame: FrameType) -> str:
-    code = frame.f_code
-    return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
-
-
-def _coro_frames(obj: Any, out: list[str]) -> None:
-    """Frames of one task's coroutine chain, outermost first."""
-    for _ in range(64):
-        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None)
-        if frame is None and isinstance(obj, GeneratorType):
-            frame = obj.gi_frame
-        if frame is not None:
-            out.append(_frame_line(frame))
-        nxt = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
-        if nxt is None and isinstance(obj, GeneratorType):
-            nxt = obj.gi_yieldfrom
-        if nxt is None or (
-            not isinstance(nxt, (CoroutineType, GeneratorType)) and not hasattr(nxt, "ag_frame")
-        ):
-            return
-        obj = nxt
-
-
-def await_chain(task: asyncio.Task[Any], limit: int = _MAX_STACK) -> list[str]:
-    """Where ``task`` is parked, outermost first, following the ``await`` chain into the
-    tasks it awaits.
-
-    ``Task.get_stack()`` stops at the outermost coroutine frame; the line that matters
-    (the tool's ``await``) is usually several awaits, and often a task, deeper.
-    """
-    lines: list[str] = []
-    current: Any = task
-    for _ in range(8):
-        _coro_frames(current.get_coro(), lines)
-        waiter = getattr(current, "_fut_waiter", None)
-        if not isinstance(waiter, asyncio.Task) or waiter.done():
-            break
-        current = waiter
-    # the innermost frames say where it is parked: keep those when trimming
-    return lines[-limit:]
-
-
-def parked_at(stack: list[str]) -> str:
-    """The innermost frame outside asyncio itself: the line a reader should look at."""
-    for line in reversed(stack):
-        if "/asyncio/" not in line:
-            return line
-    return stack[-1] if stack else "?"
-
-
-def task_name(task: asyncio.Task[Any]) -> str:
-    coro = task.get_coro()
-    qual = getattr(coro, "__qualname__", "") or ""
-    name = task.get_name()
-    return f"{name} ({qual})" if qual and qual not in name else name
-
-
-def stuck_task(task: asyncio.Task[Any]) -> StuckTask:
-    return StuckTask(name=task_name(task), stack=await_chain(task))
+def stuck_task(task: asyncio.Task[Any], *, swallowed_cancel: bool = False) -> StuckTask:
+    """The report entry for ``task``: its name and where it is parked."""
+    return StuckTask(name=task_name(task), stack=await_chain(task, _MAX_STACK), swallowed_cancel=swallowed_cancel)

@@ -2,24 +2,32 @@
 
 A stream counts as open while its main task runs: that task owns the provider
 connection, so "main task done" is exactly "the provider saw the connection end".
-Registering costs one dict insert and one done-callback per stream, cheap enough to
-leave on in production. The ledger is also how a forced close finds the streams of
-*its* session that are still open and stops them.
+Registering costs one dict insert, one context-variable read and one done-callback per
+stream, cheap enough to leave on in production. The ledger is also how a forced close finds
+the streams of *its* session that are still open and stops them.
+
+Attribution is lazy: a stream made inside a speech task (TTS, LLM) knows its session from
+upstream's activity context variable at once; one made elsewhere (the STT stream, opened by
+the recognition pump) only remembers the task that made it, and is matched to a session by
+that task's await chain when someone asks for the session's streams. Creation never walks
+frames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
-_KINDS: dict[str, str] = {
+from . import stacks
+from .ownership import objects_of
+
+#: the stream base classes the ledger wraps, and the kind each counts as
+KINDS: dict[str, str] = {
     "RecognizeStream": "stt",
     "SynthesizeStream": "tts",
     "ChunkedStream": "tts",
@@ -31,17 +39,13 @@ _KINDS: dict[str, str] = {
 class OpenStream:
     stream: Any
     kind: str
+    task: asyncio.Task[Any]
     session_ref: weakref.ReferenceType[Any] | None
+    creator: weakref.ReferenceType[asyncio.Task[Any]] | None
 
     @property
     def session(self) -> Any:
         return self.session_ref() if self.session_ref is not None else None
-
-    @property
-    def task(self) -> asyncio.Task[Any]:
-        task = main_task(self.stream)
-        assert task is not None
-        return task
 
     @property
     def label(self) -> str:
@@ -51,40 +55,24 @@ class OpenStream:
 _open: dict[int, OpenStream] = {}
 # sessions that opened a stream: whom a model instance may be shared with
 _sessions: weakref.WeakSet[Any] = weakref.WeakSet()
-_originals: dict[type, Callable[..., None]] = {}
-
-
-def _owner_session() -> Any:
-    """The session creating the stream: the one whose speech task (or a child of one) runs,
-    else the activity found in the calling frames (the STT stream is opened by the agent's
-    ``stt_node`` inside the recognition pump, outside any speech task)."""
-    from livekit.agents.voice.agent_activity import AgentActivity, _AgentActivityContextVar
-    from livekit.agents.voice.agent_session import AgentSession
-
-    activity = _AgentActivityContextVar.get(None)
-    if activity is not None:
-        return activity._session
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(12):
-        if frame is None:
-            break
-        local = frame.f_locals
-        for key in ("activity", "self"):
-            obj = local.get(key)
-            if isinstance(obj, AgentActivity):
-                return obj._session
-            if isinstance(obj, AgentSession):
-                return obj
-        frame = frame.f_back
-    return None
+_context_var: Any = None
 
 
 def main_task(stream: Any) -> asyncio.Task[Any] | None:
     """The task that owns the stream's provider connection."""
-    task: asyncio.Task[Any] | None = getattr(stream, "_task", None) or getattr(
-        stream, "_synthesize_task", None
-    )
+    task: asyncio.Task[Any] | None = getattr(stream, "_task", None) or getattr(stream, "_synthesize_task", None)
     return task
+
+
+def _speech_session() -> Any:
+    """The session whose speech task (or a child of one) is running, if any."""
+    global _context_var
+    if _context_var is None:
+        from livekit.agents.voice.agent_activity import _AgentActivityContextVar
+
+        _context_var = _AgentActivityContextVar
+    activity = _context_var.get(None)
+    return activity._session if activity is not None else None
 
 
 def register(stream: Any, kind: str, session: Any = None) -> None:
@@ -92,11 +80,18 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
     task = main_task(stream)
     if task is None or task.done():
         return
-    key = id(stream)
-    owner = session if session is not None else _owner_session()
+    owner = session if session is not None else _speech_session()
+    creator = asyncio.current_task() if owner is None else None
     if owner is not None:
         _sessions.add(owner)
-    _open[key] = OpenStream(stream, kind, weakref.ref(owner) if owner is not None else None)
+    key = id(stream)
+    _open[key] = OpenStream(
+        stream,
+        kind,
+        task,
+        weakref.ref(owner) if owner is not None else None,
+        weakref.ref(creator) if creator is not None else None,
+    )
 
     def _closed(_: asyncio.Task[Any], key: int = key, stream: Any = stream) -> None:
         entry = _open.get(key)
@@ -106,14 +101,30 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
     task.add_done_callback(_closed)
 
 
-def adopt(stream: Any, session: Any, kind: str = "stt") -> None:
-    """Attribute a stream to ``session``: the STT stream is created outside any speech
-    task, and without ``install()`` (the subclass) nothing registered it yet."""
-    entry = _open.get(id(stream))
-    if entry is None or entry.stream is not stream:
-        register(stream, kind, session)
-    elif entry.session_ref is None:
-        entry.session_ref = weakref.ref(session)
+def _attribute(session: Any) -> None:
+    """Give ``session`` the unattributed open streams whose creator works for it."""
+    orphans = [e for e in list(_open.values()) if e.session_ref is None and e.creator is not None]
+    if not orphans:
+        return
+    owned = objects_of(session, _activities_of_close(session))
+    for entry in orphans:
+        creator = entry.creator() if entry.creator is not None else None
+        if creator is not None and not creator.done() and stacks.works_for(creator, owned):
+            entry.session_ref = weakref.ref(session)
+            _sessions.add(session)
+
+
+def _activities_of_close(session: Any) -> list[Any]:
+    from .bounded_close import closing_of
+
+    close = closing_of(session, live_only=False)
+    return list(close.activities) if close is not None else []
+
+
+def streams_of(session: Any) -> list[OpenStream]:
+    """The open streams of ``session``."""
+    _attribute(session)
+    return [e for e in list(_open.values()) if e.session is session]
 
 
 def known_sessions() -> list[Any]:
@@ -123,55 +134,34 @@ def known_sessions() -> list[Any]:
 def open_streams(session: Any = None) -> dict[str, int]:
     """Open streams by kind (``stt``, ``tts``, ``llm``) and ``total``; for one session
     when given, else for the whole process."""
-    counts: Counter[str] = Counter()
-    for entry in list(_open.values()):
-        if session is None or entry.session is session:
-            counts[entry.kind] += 1
+    entries = list(_open.values()) if session is None else streams_of(session)
+    counts: Counter[str] = Counter(e.kind for e in entries)
     out = {k: counts.get(k, 0) for k in ("stt", "tts", "llm")}
     out["total"] = sum(counts.values())
     return out
 
 
-def streams_of(session: Any) -> list[OpenStream]:
-    return [e for e in list(_open.values()) if e.session is session]
+def wrap_init(kind: str) -> Callable[[Any, Any], Any]:
+    """A patch-table factory: the stream base class's ``__init__``, then ``register``."""
+
+    def factory(original: Callable[..., None], _options: Any) -> Callable[..., None]:
+        @functools.wraps(original)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            register(self, kind)
+
+        return __init__
+
+    return factory
 
 
-def _make_init(cls: type, kind: str) -> Callable[..., None]:
-    original = cls.__dict__["__init__"]
-
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        register(self, kind)
-
-    return __init__
-
-
-def _classes() -> dict[str, type]:
-    from livekit.agents import llm, stt, tts
-
-    return {
-        "RecognizeStream": stt.RecognizeStream,
-        "SynthesizeStream": tts.SynthesizeStream,
-        "ChunkedStream": tts.ChunkedStream,
-        "LLMStream": llm.LLMStream,
-    }
-
-
-def install() -> None:
-    """Start tracking streams (patches the base classes' ``__init__``); idempotent."""
-    for name, cls in _classes().items():
-        if cls in _originals:
-            continue
-        _originals[cls] = cls.__dict__["__init__"]
-        cls.__init__ = _make_init(cls, _KINDS[name])  # type: ignore[misc]
-
-
-def uninstall() -> None:
-    for cls, original in list(_originals.items()):
-        cls.__init__ = original  # type: ignore[misc]
-        del _originals[cls]
+stt_init = wrap_init("stt")
+tts_init = wrap_init("tts")
+llm_init = wrap_init("llm")
 
 
 def installed() -> bool:
-    return bool(_originals)
+    """True while the ledger's rows of the patch table are applied."""
+    from .patching import applied_parts
+
+    return "stream_ledger" in applied_parts()

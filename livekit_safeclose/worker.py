@@ -58,7 +58,7 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
-from ._compat import IncompatibleLivekitAgents
+from .compat import IncompatibleLivekitAgents
 
 __all__ = [
     "FORCED_REASON_PREFIX",
@@ -1207,7 +1207,8 @@ def _coro_module(task: asyncio.Task[Any]) -> str:
 def job_leftovers(session: Any = None, *, job_id: str = "-", reason: str = "") -> JobLeftovers:
     """Snapshot of what the current process still runs (call it in the job's event loop):
     see :class:`JobLeftovers`. Cheap: one pass over ``asyncio.all_tasks()``."""
-    from .report import parked_at, stuck_task
+    from .report import stuck_task
+    from .stacks import parked_at
 
     out = JobLeftovers(job_id=job_id, reason=reason)
     me = asyncio.current_task()
@@ -1230,7 +1231,7 @@ def job_leftovers(session: Any = None, *, job_id: str = "-", reason: str = "") -
         if counts.get("total", 0):
             out.streams = counts
     if session is not None:
-        from .leftovers import audit
+        from .audit import audit
 
         with contextlib.suppress(Exception):
             result = audit(session)

@@ -12,6 +12,7 @@ from livekit.agents import AgentSession
 from livekit.agents.voice.events import CloseReason
 
 import livekit_safeclose as lsc
+from livekit_safeclose.testing._runs import close_ended
 from livekit_safeclose.testing.fakes import FakeReply
 from livekit_safeclose.testing.scenarios import Ctx, ScenarioAgent, make_session
 
@@ -42,8 +43,8 @@ async def test_transcript_wait_is_never_cut_by_the_drain_bound() -> None:
     report = lsc.last_close_report(session)
     assert report is not None
     steps = {s.name: s for s in report.steps}
-    assert steps["activity._close_session"].ms >= 1900, report.steps
-    assert steps["activity._close_session"].outcome == "done"
+    assert steps["activity.aclose"].ms >= 1900, report.steps
+    assert steps["activity.aclose"].outcome == "done"
     assert elapsed <= 3.0 + 0.15
     assert all("commit_user_turn" not in s.name for s in report.stuck)
     assert ctx.ledger.open_count() == 0 and len(closes) == 1
@@ -64,7 +65,7 @@ async def test_graceful_close_keeps_the_full_transcript_wait() -> None:
     while not closes:
         await asyncio.sleep(0.02)
     # the report is published when the close ends, a moment after the close event
-    await asyncio.wait({session.__dict__["_safeclose_run"].task})
+    await close_ended(session)
     assert time.monotonic() - t0 >= 1.9
     report = lsc.last_close_report(session)
     assert report is not None and not report.forced, report.to_dict()
@@ -143,7 +144,7 @@ async def test_graceful_drain_still_waits_for_a_slow_tool() -> None:
     while not closes:
         await asyncio.sleep(0.02)
     # the report is published when the close ends, a moment after the close event
-    await asyncio.wait({session.__dict__["_safeclose_run"].task})
+    await close_ended(session)
     assert time.monotonic() - t0 >= 1.4  # neither the drain nor the close bound cut it
     assert ctx.tool_finished.is_set()
     report = lsc.last_close_report(session)
@@ -213,7 +214,7 @@ async def test_report_names_the_stuck_tool_and_logs_one_warning(caplog: pytest.L
     assert any("scenarios.py" in line and "in park" in line for line in tool[0].stack), tool[0].stack
     assert any("in lookup" in line for line in tool[0].stack)
     assert any(n.startswith("tool_exec_lookup") for n in report.cancelled)
-    assert "activity._close_session" in report.torn_down
+    assert "activity.aclose" in report.torn_down
     warnings = [r for r in caplog.records if r.name == "livekit.agents.safeclose"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert warnings[0].safeclose_report["session"] == report.session  # type: ignore[attr-defined]

@@ -4,7 +4,6 @@ previous state restored after, and the tasks a run leaves behind."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 import livekit_safeclose as lsc
@@ -12,18 +11,23 @@ import livekit_safeclose as lsc
 
 class LayerForRun:
     """Install (``patched``) or uninstall the layer for one run; ``restore()`` puts back
-    whatever was in force before, options included."""
+    whatever was in force before, every option included.
+
+    A run only changes the options it is given: the rest are the ones in force, or, when
+    nothing is installed, ``worker=False``, because a test run closes sessions and must not
+    take over the signal handling of the process it runs in."""
 
     def __init__(self, patched: bool, **options: Any) -> None:
-        self.prev = lsc.installed_options() if lsc.is_installed() else None
+        self.prev = lsc.installed_options()
         if patched:
-            lsc.install(**options)
+            base = self.prev.as_dict() if self.prev is not None else {"worker": False}
+            lsc.install(**{**base, **options})
         else:
             lsc.uninstall()
 
     def restore(self) -> None:
         if self.prev is not None:
-            lsc.install(**dataclasses.asdict(self.prev))
+            lsc.install(**self.prev.as_dict())
         else:
             lsc.uninstall()
 
@@ -41,3 +45,13 @@ async def cancel_since(before: set[asyncio.Task[Any]], timeout: float = 0.5) -> 
         t.cancel()
     if leftovers:
         await asyncio.wait(leftovers, timeout=timeout)
+
+
+async def close_ended(session: Any) -> None:
+    """Wait until the session's last close ended (its report is published then, a moment
+    after the close event)."""
+    from ..bounded_close import closing_of
+
+    close = closing_of(session, live_only=False)
+    if close is not None and close.task is not None:
+        await asyncio.wait({close.task})

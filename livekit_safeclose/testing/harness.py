@@ -6,7 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from ..leftovers import audit
+from ..audit import audit
+from ..bounded_close import closing_of
 from ..report import last_close_report
 from .fakes import FakeLLM, FakeReply, FakeSTT, FakeTTS, FastAudioOutput, ProviderLedger, SilenceInput
 from .scenarios import ClosePath, load_vad
@@ -88,9 +89,9 @@ class SafeCloseHarness:
             raise ValueError(f"unsupported close path {path!r}")
         while not closes:
             await asyncio.sleep(0.01)
-        run = session.__dict__.get("_safeclose_run")
-        if run is not None and run.task is not None:
-            await asyncio.wait({run.task})
+        close = closing_of(session, live_only=False)
+        if close is not None and close.task is not None:
+            await asyncio.wait({close.task})
 
     async def assert_closes_cleanly(
         self,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from livekit.agents import Agent, AgentSession, AgentTask, RunContext, function_tool, llm, stt
 from livekit.agents.voice.events import CloseReason
 
+from ..bounded_close import closing_of
 from ._runs import LayerForRun, cancel_since, tasks_since
 from .fakes import FakeLLM, FakeReply, FakeSTT, FakeTTS, FastAudioOutput, ProviderLedger, SilenceInput
 
@@ -412,8 +413,8 @@ async def _closed_event(ctx: Ctx) -> None:
     whose start() never finished emits none) its closing task; then that task's end. A
     closing task that was already done is a stale one (upstream never resets it)."""
     assert ctx.session is not None
-    run = ctx.session.__dict__.get("_safeclose_run")
-    task = run.task if run is not None else ctx.session._closing_task
+    close = closing_of(ctx.session, live_only=False)
+    task = close.task if close is not None else ctx.session._closing_task
     live = task is not None and not task.done()
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(ctx.extra["closed"].wait())}
     if live:

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import streams as streams_mod
-from .report import StuckTask, parked_at, stuck_task
+from .bounded_close import closing_of
+from .ownership import objects_of
+from .report import StuckTask, stuck_task
+from .stacks import parked_at, swallowed_cancel, works_for
 
 
 @dataclass
@@ -46,49 +49,22 @@ class Audit:
         return "\n".join(out)
 
 
-def _owned_objects(session: Any) -> set[int]:
-    """Ids of the objects whose methods run on the session's behalf."""
-    objs: list[Any] = [session]
-    run = session.__dict__.get("_safeclose_run")
-    acts = list(getattr(run, "activities", []) or [])
-    if session._activity is not None:
-        acts.append(session._activity)
-    for act in acts:
-        objs += [act, act.agent, act._audio_recognition, act._tool_executor, act._rt_session]
-        recog = act._audio_recognition
-        if recog is not None:
-            objs.append(getattr(recog, "_stt_pipeline", None))
-    objs += [e.stream for e in streams_mod.streams_of(session)]
-    return {id(o) for o in objs if o is not None}
-
-
-def _belongs(task: asyncio.Task[Any], owned: set[int]) -> bool:
-    obj: Any = task.get_coro()
-    for _ in range(32):
-        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None)
-        if frame is None:
-            return False
-        if id(frame.f_locals.get("self")) in owned:
-            return True
-        obj = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
-    return False
-
-
 def audit(session: Any) -> Audit:
     """What ``session`` left behind; call it after the close returned, in its loop."""
-    owned = _owned_objects(session)
+    close = closing_of(session, live_only=False)
+    streams = streams_mod.streams_of(session)
+    owned = objects_of(session, list(close.activities) if close is not None else [])
+    owned |= {id(e.stream) for e in streams}
+    zombies = set(close.zombies) if close is not None else set()
     me = asyncio.current_task()
     result = Audit(streams=streams_mod.open_streams(session))
     for task in asyncio.all_tasks():
-        if task is me or task.done() or not _belongs(task, owned):
+        if task is me or task.done() or not works_for(task, owned):
             continue
-        entry = stuck_task(task)
-        cancelling = getattr(task, "cancelling", None)
-        if cancelling is not None and cancelling() > 0:
-            entry.swallowed_cancel = True
-            result.zombies.append(entry)
+        if task in zombies or swallowed_cancel(task):
+            result.zombies.append(stuck_task(task, swallowed_cancel=True))
         else:
-            result.tasks.append(entry)
+            result.tasks.append(stuck_task(task))
     loop = asyncio.get_running_loop()
     for handle in list(getattr(loop, "_scheduled", [])):
         if handle.cancelled():

@@ -1,0 +1,380 @@
+"""One close of one session in flight: its bounds, its phase, and what it had to force.
+
+Every wait of a close is measured against the same two deadlines (the drain bound and the
+close bound), so the bounds of successive steps never add up. The close owns its
+bookkeeping (steps, stuck tasks, what it cancelled or abandoned); the :class:`CloseReport`
+is built from it once, at the end, and never read back to decide anything.
+
+Cancellation rules enforced here:
+
+* a bounded wait never cancels what it waits for (``asyncio.wait``, not ``wait_for``), so a
+  step that swallows cancellation cannot hold the caller;
+* a step that hit its bound is cancelled once and *abandoned*: left to finish on its own,
+  and cancelled again only when the close ends (:meth:`settle_pending`);
+* a task cancelled by the close that does not end within :data:`UNWIND_GRACE` is a
+  *zombie*: reported with where it is parked, and never waited for again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import weakref
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
+
+from . import streams as streams_mod
+from .options import Options
+from .report import CloseReport, StepOutcome, StepRecord, StuckTask, logger, stuck_task
+from .stacks import task_name
+
+T = TypeVar("T")
+
+#: ``drain``: speech, tools and ``on_exit`` settle (and a ``start()`` in progress);
+#: ``models``: the activity closes its models (the final transcript wait included);
+#: ``steps``: the rest of upstream's teardown, until the close event;
+#: ``after``: after the close event (session host, room io)
+Phase = Literal["drain", "models", "steps", "after"]
+
+#: time kept back at the end of the close bound for the final stream sweep
+SWEEP_RESERVE = 0.25
+#: time kept between the last teardown step and the end of upstream's close, so the close
+#: event is always emitted before the close bound
+EMIT_RESERVE = 0.15
+#: after force-cancelling, how long a task may take to unwind before it counts as a zombie
+UNWIND_GRACE = 0.5
+#: room kept for the models' teardown after the drain, beyond the final-transcript wait
+TEARDOWN_RESERVE = 0.5
+#: how long closing the models may take beyond the final-transcript wait before the
+#: session's streams are stopped from outside
+MODEL_CLOSE_ALLOWANCE = 1.0
+#: the teardown steps after the models (toolsets, recorder, IVR, forwarding tasks) get this
+#: long together: a hung MCP server must not eat the whole close bound
+STEP_ALLOWANCE = 1.0
+
+_warned: set[tuple[float, float, float]] = set()
+
+
+def _warn_tight(o: Options, transcript_timeout: float) -> None:
+    key = (o.drain_timeout, o.close_timeout, transcript_timeout)
+    if key in _warned:
+        return
+    _warned.add(key)
+    need = o.drain_timeout + transcript_timeout + TEARDOWN_RESERVE + SWEEP_RESERVE + EMIT_RESERVE
+    logger.warning(
+        "close_timeout=%.2fs cannot hold drain_timeout=%.2fs plus the final-transcript wait "
+        "(session_close_transcript_timeout=%.2fs); the drain bound is shortened. "
+        "Use close_timeout >= %.2fs to keep both.",
+        o.close_timeout,
+        o.drain_timeout,
+        transcript_timeout,
+        need,
+    )
+
+
+class BoundedClose:
+    """State of one session close, shared by every caller that joins it."""
+
+    def __init__(
+        self, *, session_label: str, options: Options, reason: str, graceful: bool, transcript_timeout: float
+    ) -> None:
+        self.options = options
+        self.graceful = graceful
+        self.transcript_timeout = transcript_timeout
+        self.t0 = time.monotonic()
+        self._label, self._reason, self._drain_requested = session_label, reason, graceful
+        self.phase: Phase = "drain"
+        self._phase_started = self.t0
+        self._phases: dict[str, float] = {"drain": 0.0}
+        # replaced (and the old one set) whenever a deadline or the phase moves: every
+        # waiter holds the event it started with, so one waking waiter cannot hide it
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None  # the shared closing task
+        self.upstream: asyncio.Future[None] | None = None  # upstream's close, watched
+        self.waiters: set[asyncio.Task[Any]] = set()  # tasks awaiting the close: spared
+        # weak: a finished close (kept on the session for its report) must not pin what
+        # it touched; a task still running on an activity's behalf keeps it alive anyway
+        self.activities: weakref.WeakSet[Any] = weakref.WeakSet()  # for the audit
+        self.cancelled_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self.zombies: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self.pending: list[asyncio.Future[Any]] = []  # abandoned steps
+        self.held_by_abandoned_drain: set[int] = set()  # ids of activities
+        self.close_emitted = False
+        self.was_started = False  # the session had finished start() when the close began
+        self.abandoned_in: Phase | None = None  # where upstream's close was abandoned
+        self.ended = False  # the completion ran: the close no longer acts
+        self.forced = False
+        self.escalated_ms: float | None = None
+        self._steps: list[StepRecord] = []
+        self._stuck: dict[int, StuckTask] = {}
+        self._cancelled: list[str] = []
+        self._abandoned: list[str] = []
+        self._torn_down: list[str] = []
+        self._swept: list[str] = []
+        self._left_open: list[str] = []
+        self.drain_deadline = math.inf
+        self.close_deadline = math.inf
+        if not graceful:
+            self.drain_deadline = self.t0 + self.drain_budget()
+            self.close_deadline = self.t0 + options.close_timeout
+
+    # -- deadlines -----------------------------------------------------------------------
+    def drain_budget(self) -> float:
+        """The drain bound, shrunk so the final-transcript wait still fits in the close
+        bound: that wait belongs to a healthy close and is never cut. A floor of a tenth
+        of the close bound keeps an idle activity from being forced for nothing when
+        ``close_timeout`` was set too tight to hold both (warned once)."""
+        o = self.options
+        room = o.close_timeout - self.transcript_timeout - TEARDOWN_RESERVE - SWEEP_RESERVE - EMIT_RESERVE
+        if room < o.drain_timeout:
+            _warn_tight(o, self.transcript_timeout)
+        return max(min(o.drain_timeout, 0.1 * o.close_timeout), min(o.drain_timeout, room))
+
+    def escalate(self) -> None:
+        """A forced close joined a graceful one: from now on the bounds apply."""
+        if not self.graceful:
+            return
+        self.graceful = False
+        now = time.monotonic()
+        self.escalated_ms = round((now - self.t0) * 1000, 1)
+        self.drain_deadline = min(self.drain_deadline, now + self.drain_budget())
+        self.close_deadline = min(self.close_deadline, now + self.options.close_timeout)
+        self._notify()
+
+    def cut_drain(self) -> None:
+        """What the drain phase still waits on gets only the unwind grace from now."""
+        self.drain_deadline = min(self.drain_deadline, self.grace())
+        self._notify()
+
+    def enter_phase(self, phase: Phase) -> None:
+        """Upstream's close moved on; leaving a graceful drain starts the close bound."""
+        if phase == self.phase:
+            return
+        now = time.monotonic()
+        self.phase, self._phase_started = phase, now
+        self._phases.setdefault(phase, round((now - self.t0) * 1000, 1))
+        if math.isinf(self.close_deadline):
+            self.close_deadline = now + self.options.close_timeout
+            self.drain_deadline = now
+        self._notify()
+
+    def _notify(self) -> None:
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    def steps_deadline(self) -> float:
+        """Where every teardown step must have ended."""
+        return self.close_deadline - SWEEP_RESERVE - EMIT_RESERVE
+
+    def inner_deadline(self) -> float:
+        """Where upstream's close itself (teardown, close event, room io) must have ended."""
+        return self.close_deadline - SWEEP_RESERVE
+
+    def phase_deadline(self) -> float:
+        """The bound of the phase upstream's close is in."""
+        if self.phase == "drain":
+            return math.inf if self.graceful else self.drain_deadline
+        if self.phase == "models":
+            return self.steps_deadline()
+        if self.phase == "steps":
+            return min(self.steps_deadline(), self._phase_started + STEP_ALLOWANCE)
+        return self.inner_deadline()
+
+    @staticmethod
+    def left(deadline: float) -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    def grace(self) -> float:
+        """A deadline one unwind grace from now, never past the teardown bound."""
+        return min(self.steps_deadline(), time.monotonic() + UNWIND_GRACE)
+
+    # -- waiting -------------------------------------------------------------------------
+    async def wait_until(self, fut: asyncio.Future[Any], deadline: float) -> bool:
+        """Wait for ``fut`` until ``deadline``; never cancels it. True when it finished."""
+        if not fut.done():
+            timeout = None if math.isinf(deadline) else self.left(deadline)
+            await asyncio.wait({fut}, timeout=timeout)
+        return fut.done()
+
+    async def wait_phase(self, fut: asyncio.Future[Any], *, drain: bool = False) -> bool:
+        """Wait for ``fut`` under the current phase's bound (``drain``: the drain bound,
+        whatever the phase), re-reading it whenever it moves (an escalation, a new
+        phase). True when ``fut`` finished, False when the bound passed."""
+        while not fut.done():
+            changed = self._changed
+            deadline = (math.inf if self.graceful else self.drain_deadline) if drain else self.phase_deadline()
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                timeout = None if math.isinf(deadline) else self.left(deadline)
+                await asyncio.wait({fut, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not fut.done() and not changed.is_set():
+                return False
+        return True
+
+    async def wait_phase_change(self, fut: asyncio.Future[Any], phase: Phase, deadline: float) -> bool:
+        """Wait until ``fut`` finished or the close left ``phase``, at most until
+        ``deadline``. True when either happened."""
+        while not fut.done() and self.phase == phase:
+            changed = self._changed
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait({fut, waiter}, timeout=self.left(deadline), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not fut.done() and not changed.is_set():
+                return False
+        return True
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def touch(self, activity: Any) -> None:
+        """``activity`` takes part in this close (the audit looks at it afterwards)."""
+        self.activities.add(activity)
+
+    def record(self, name: str, started: float, outcome: StepOutcome, detail: str = "") -> None:
+        ms = round((time.monotonic() - started) * 1000, 1)
+        self._steps.append(StepRecord(name=name, ms=ms, outcome=outcome, detail=detail))
+        if outcome in ("timeout", "abandoned"):
+            self.forced = True
+        elif outcome == "done":
+            self._torn_down.append(name)
+
+    def note_stuck(self, task: asyncio.Future[Any], *, swallowed: bool = False) -> None:
+        """Report ``task`` as stuck (once), with where it is parked."""
+        if not isinstance(task, asyncio.Task):
+            return
+        entry = self._stuck.get(id(task))
+        if entry is None:
+            self._stuck[id(task)] = stuck_task(task, swallowed_cancel=swallowed)
+        elif swallowed:
+            entry.swallowed_cancel = True
+        self.forced = True
+
+    def cancel(self, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        """Cancel the live ``tasks`` the close may stop (never its own waiters), noting
+        each as stuck and cancelled. Awaits nothing."""
+        live = [t for t in tasks if not t.done() and t not in self.waiters]
+        for t in live:
+            self.note_stuck(t)
+            self.cancelled_tasks.add(t)
+            t.cancel()
+        self._cancelled.extend(task_name(t) for t in live if task_name(t) not in self._cancelled)
+        return live
+
+    async def settle(self, name: str, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        """Cancel ``tasks`` and give them the unwind grace; returns the zombies among them."""
+        live = [t for t in tasks if not t.done() and t not in self.zombies and t not in self.waiters]
+        if not live:
+            return []
+        start = time.monotonic()
+        self.cancel(live)
+        await asyncio.wait(live, timeout=self.left(self.grace()))
+        stuck = self.mark_zombies([t for t in live if not t.done()])
+        self.record(name, start, "timeout" if stuck else "done", f"{len(stuck)} did not end" if stuck else "")
+        return stuck
+
+    def mark_zombies(self, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        for t in tasks:
+            self.zombies.add(t)
+            self.note_stuck(t, swallowed=True)
+        return tasks
+
+    def abandon(self, name: str, fut: asyncio.Future[Any], started: float) -> None:
+        """``fut`` hit its bound: cancel it once, leave it running, report where it is."""
+        self.note_stuck(fut)
+        fut.cancel()
+        self.pending.append(fut)
+        self._abandoned.append(name)
+        self.record(name, started, "abandoned")
+
+    async def step(self, name: str, aw: Awaitable[T], deadline: float | None = None) -> T | None:
+        """Run one teardown step bounded by ``deadline`` (default: one step allowance,
+        within the teardown bound). On the bound it is abandoned."""
+        start = time.monotonic()
+        if deadline is None:
+            deadline = min(self.steps_deadline(), start + STEP_ALLOWANCE)
+        task: asyncio.Future[T] = asyncio.ensure_future(aw)
+        if not await self.wait_until(task, deadline):
+            self.abandon(name, task, start)
+            return None
+        if task.cancelled():
+            self.record(name, start, "cancelled")
+            return None
+        if (exc := task.exception()) is not None:
+            self.record(name, start, "error", f"{type(exc).__name__}: {exc}")
+            return None
+        self.record(name, start, "done")
+        return task.result()
+
+    async def settle_pending(self, deadline: float) -> None:
+        """The close ends: what was abandoned gets until ``deadline``, then is cancelled."""
+        pending = [t for t in self.pending if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.left(min(deadline, time.monotonic() + UNWIND_GRACE)))
+            for t in pending:
+                t.cancel()
+        self.pending.clear()
+
+    # -- streams -----------------------------------------------------------------------------
+    async def sweep_streams(self, session: Any, deadline: float) -> None:
+        """Stop the session's provider streams that are still open: cancel each stream's
+        main task (again) and wait until ``deadline``. A stream whose close waits for a
+        provider goodbye ends here; one that swallows every cancellation is reported."""
+        leftover = [e for e in streams_mod.streams_of(session) if not e.task.done()]
+        if not leftover:
+            return
+        start = time.monotonic()
+        for e in leftover:
+            self.note_stuck(e.task)
+            e.task.cancel()
+        await asyncio.wait({e.task for e in leftover}, timeout=self.left(deadline))
+        closed = [e for e in leftover if e.task.done()]
+        self._swept.extend(e.label for e in closed)
+        outcome: StepOutcome = "done" if len(closed) == len(leftover) else "timeout"
+        self.record("streams.sweep", start, outcome, f"{len(closed)}/{len(leftover)} stopped")
+        self.forced = True
+
+    def note_streams_left_open(self, session: Any) -> None:
+        for e in streams_mod.streams_of(session):
+            if not e.task.done():
+                self._left_open.append(e.label)
+                self.note_stuck(e.task)
+
+    # -- output --------------------------------------------------------------------------------
+    def report(self, *, completed: bool) -> CloseReport:
+        """The close report, built once the close ended."""
+        return CloseReport(
+            session=self._label,
+            reason=self._reason,
+            drain_requested=self._drain_requested,
+            drain_timeout=self.options.drain_timeout,
+            close_timeout=self.options.close_timeout,
+            started_at=time.time() - (time.monotonic() - self.t0),
+            duration_ms=round((time.monotonic() - self.t0) * 1000, 1),
+            forced=self.forced or bool(self._abandoned or self._left_open),
+            escalated=self.escalated_ms is not None,
+            completed=completed,
+            steps=list(self._steps),
+            stuck=list(self._stuck.values()),
+            cancelled=list(self._cancelled),
+            abandoned=list(self._abandoned),
+            torn_down=list(self._torn_down),
+            streams_closed_by_force=list(self._swept),
+            streams_left_open=list(self._left_open),
+            phases=dict(self._phases),
+            escalated_ms=self.escalated_ms,
+        )
+
+
+#: where a session keeps its close (the live one, or the last one)
+CLOSE_ATTR = "_safeclose_close"
+
+
+def closing_of(session: Any, *, live_only: bool = True) -> BoundedClose | None:
+    """The close of ``session`` in flight (``live_only``), or its most recent one."""
+    close: BoundedClose | None = session.__dict__.get(CLOSE_ATTR)
+    if close is None or (live_only and close.ended):
+        return None
+    return close

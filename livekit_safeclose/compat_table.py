@@ -1,0 +1,104 @@
+"""Every upstream internal the layer touches, by the part that touches it.
+
+Kept as data so a reader (or a test) can count it, and so :func:`.compat.check` can refuse a
+release with a message that names exactly what is missing. Rows for public names are listed
+only where the layer patches them.
+"""
+
+from __future__ import annotations
+
+from .compat import Requirement as R
+
+SESSION = "livekit.agents.voice.agent_session:AgentSession"
+ACTIVITY = "livekit.agents.voice.agent_activity:AgentActivity"
+EXECUTOR = "livekit.agents.voice.tool_executor:_ToolExecutor"
+RECOGNITION = "livekit.agents.voice.audio_recognition:AudioRecognition"
+SPEECH = "livekit.agents.voice.speech_handle:SpeechHandle"
+SERVER = "livekit.agents.worker:AgentServer"
+PROC = "livekit.agents.ipc.supervised_proc:SupervisedProc"
+JOB_PROC = "livekit.agents.ipc.job_proc_lazy_main:_JobProc"
+CLI = "livekit.agents.cli.cli:_run_worker"
+
+CORE: tuple[R, ...] = (
+    # patched: the close's entry points
+    R("core", SESSION, "_aclose_impl", "method", ("reason", "drain", "error")),
+    R("core", SESSION, "_close_soon", "method", ("reason", "drain", "error")),
+    R("core", ACTIVITY, "drain", "method"),
+    R("core", ACTIVITY, "aclose", "method"),
+    # read by the close
+    R("core", SESSION, "_closing_task", "init_attr"),
+    R("core", SESSION, "_lock", "init_attr"),
+    R("core", SESSION, "_activity", "init_attr"),
+    R("core", SESSION, "_started", "init_attr"),
+    R("core", SESSION, "_update_activity_task", "method"),
+    R("core", SESSION, "_cancel_user_away_timer", "method"),
+    R("core", SESSION, "_opts", "init_attr", optional=True),  # session_close_transcript_timeout
+    R("core", SESSION, "_agent", "init_attr", optional=True),  # the report's label
+    R("core", ACTIVITY, "_session", "init_attr"),
+    R("core", ACTIVITY, "_lock", "init_attr"),
+    R("core", ACTIVITY, "_closed", "init_attr"),
+    R("core", ACTIVITY, "_speech_tasks", "init_attr"),
+    R("core", ACTIVITY, "_scheduling_atask", "init_attr"),
+    R("core", ACTIVITY, "_tool_executor", "init_attr"),
+    R("core", ACTIVITY, "_audio_recognition", "init_attr"),
+    R("core", ACTIVITY, "_add_drain_blocked_tasks", "method"),
+    R("core", ACTIVITY, "_rt_session", "init_attr", optional=True),
+    R("core", EXECUTOR, "_running_tasks", "init_attr"),
+    R("core", RECOGNITION, "_aclose", "method"),
+    R("core", RECOGNITION, "_stt_pipeline", "init_attr", optional=True),
+    R("core", "livekit.agents.voice.agent:Agent", "_activity", "init_attr"),
+    R("core", "livekit.agents.voice.agent:AgentTask", "_old_agent", "init_attr"),
+    R("core", "livekit.agents.voice.agent", "_get_activity_task_info", "attr"),
+    R("core", "livekit.agents.voice.agent_activity", "_AgentActivityContextVar", "attr"),
+    R("core", SPEECH, "_tasks", "init_attr"),
+    R("core", SPEECH, "_mark_done", "method"),
+)
+
+STREAM_LEDGER: tuple[R, ...] = (
+    R("stream_ledger", "livekit.agents.stt:RecognizeStream", "_task", "init_attr"),
+    R("stream_ledger", "livekit.agents.tts:SynthesizeStream", "_task", "init_attr"),
+    R("stream_ledger", "livekit.agents.tts:ChunkedStream", "_synthesize_task", "init_attr"),
+    R("stream_ledger", "livekit.agents.llm:LLMStream", "_task", "init_attr"),
+)
+
+SIGNAL_GUARD: tuple[R, ...] = (
+    R("signal_guard", "livekit.agents.cli.cli", "_run_worker", "attr"),
+    R("signal_guard", "asyncio.unix_events:_UnixSelectorEventLoop", "add_signal_handler", "method"),
+)
+
+DRAIN_AVAILABILITY: tuple[R, ...] = (
+    R("drain_availability", "livekit.agents.cli.cli", "_run_worker", "attr"),
+    R("drain_availability", SERVER, "_is_available", "method"),
+    R("drain_availability", SERVER, "_update_worker_status", "method"),
+    R("drain_availability", SERVER, "_queue_msg", "method"),
+    R("drain_availability", SERVER, "_draining", "init_attr"),
+    R("drain_availability", "livekit.agents.job:JobRequest", "accept", "method"),
+    R("drain_availability", "livekit.agents.job:JobRequest", "reject", "method", ("terminate",)),
+)
+
+BOUNDED_DRAIN_END: tuple[R, ...] = (
+    R("bounded_drain_end", SERVER, "drain", "method"),
+    R("bounded_drain_end", SERVER, "active_jobs", "attr"),
+    R("bounded_drain_end", PROC, "aclose", "uses", ("_pch", "_shutting_down_fut")),
+    R("bounded_drain_end", PROC, "kill", "method"),
+    R("bounded_drain_end", PROC, "_initialize_fut", "init_attr"),
+    R("bounded_drain_end", PROC, "_closing", "init_attr"),
+    R("bounded_drain_end", "livekit.agents.ipc.channel", "asend_message", "attr"),
+    R("bounded_drain_end", "livekit.agents.ipc.proto:ShutdownRequest", "reason", "field"),
+    R("bounded_drain_end", JOB_PROC, "_shutdown_job", "method", ("job_entry_task", "shutdown_info")),
+    R("bounded_drain_end", JOB_PROC, "_shutdown_job", "uses", ("_SESSION_ACLOSE_TIMEOUT",)),
+    R("bounded_drain_end", JOB_PROC, "_session_end_timeout", "init_attr"),
+    R("bounded_drain_end", "livekit.agents.ipc.job_proc_lazy_main", "_SESSION_ACLOSE_TIMEOUT", "attr"),
+    R("bounded_drain_end", "livekit.agents.job:JobContext", "_primary_agent_session", "init_attr"),
+    # only with force_close_on_second_signal: the CLI's exit-now handlers
+    R("bounded_drain_end", CLI, "_force_exit", "closure", ("escalating",)),
+    R("bounded_drain_end", CLI, "_handle_exit", "closure", ("escalating", "exit_raised")),
+)
+
+IDLE_REPORT: tuple[R, ...] = (
+    # assigned when the server runs
+    R("idle_report", SERVER, "run", "uses", ("_proc_pool", "_inference_executor"), optional=True),
+    R("idle_report", "livekit.agents.ipc.proc_pool:ProcPool", "_default_num_idle_processes", "init_attr", optional=True),
+)
+
+REQUIREMENTS: tuple[R, ...] = CORE + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + IDLE_REPORT

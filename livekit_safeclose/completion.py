@@ -1,0 +1,112 @@
+"""The end of every bounded close: what upstream's close did not reach, finished.
+
+Runs in the ``finally`` of the shared closing task, shielded, so it also runs when the close
+is cancelled from outside (the job's ``wait_for`` guard). Each step is idempotent, a no-op
+when upstream's close already did it, and bounded by what is left of the close bound:
+
+1. upstream's close abandoned before its close event: the event is emitted here, once;
+2. an activity the close touched that is still open is closed (forced);
+3. any task still working on the session's behalf (a forwarding task an abandoned teardown
+   never cancelled, a hook upstream does not await) is cancelled: what the audit would find;
+4. ``close_models``: the session's own model instances;
+5. the session's provider streams still open are stopped, abandoned steps are settled;
+6. the report is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import report as report_mod
+from . import streams as streams_mod
+from .bounded_close import UNWIND_GRACE, BoundedClose
+from .ownership import activities_of, objects_of
+from .stacks import awaited_tasks, works_for
+
+
+async def finish(
+    session: Any, close: BoundedClose, *, reason: Any, error: Any, on_close: Callable[[Any], None]
+) -> None:
+    upstream = close.upstream
+    completed = upstream is not None and upstream.done() and not upstream.cancelled()
+    try:
+        await _close_activities(session, close)
+        if close.was_started and not close.close_emitted:
+            _emit_close(session, close, reason=reason, error=error)
+        await _stop_leftover_tasks(session, close)
+        if close.options.close_models:
+            await _close_owned_models(session, close)
+        end = close.close_deadline if not math.isinf(close.close_deadline) else time.monotonic() + UNWIND_GRACE
+        await close.sweep_streams(session, end)
+        await close.settle_pending(end)
+        close.note_streams_left_open(session)
+    finally:
+        # upstream never resets its closing task: a restarted session could not be shut
+        # down again
+        session._closing_task = None
+        close.ended = True
+        session.off("close", on_close)
+        report_mod.emit(session, close.report(completed=completed))
+
+
+async def _close_activities(session: Any, close: BoundedClose) -> None:
+    """Every activity the close touched is closed, even when upstream's close was
+    abandoned before it got to one; the session then holds no activity."""
+    acts = list(close.activities) + [a for a in activities_of(session) if a not in close.activities]
+    for act in acts:
+        if not act._closed:
+            close.escalate()
+            await act.aclose()
+    if session._activity is not None and session._activity._closed:
+        session._activity = None
+
+
+def _emit_close(session: Any, close: BoundedClose, *, reason: Any, error: Any) -> None:
+    """Upstream's close was abandoned before it emitted the close event that user code
+    hangs ``ctx.shutdown()`` and webhooks on: emit it here, exactly once."""
+    from livekit.agents.voice.events import CloseEvent
+
+    session._started = False
+    close.record("close_event", time.monotonic(), "done", "emitted by the layer")
+    session.emit("close", CloseEvent(error=error, reason=reason))
+
+
+async def _stop_leftover_tasks(session: Any, close: BoundedClose) -> None:
+    """Cancel what still works for the session: nothing opened on the session's behalf may
+    outlive its close. Spared: the close's own tasks, known zombies, and the close's waiters
+    with whatever awaits them (a tool awaiting the close resumes after it)."""
+    mine = {close.task, close.upstream, asyncio.current_task()}
+    owned = objects_of(session, list(close.activities))
+
+    def spared(t: asyncio.Task[Any]) -> bool:
+        if t in mine or t in close.zombies or t in close.waiters:
+            return True
+        return any(w in close.waiters for w in awaited_tasks(t))
+
+    leftover = [t for t in asyncio.all_tasks() if not t.done() and not spared(t) and works_for(t, owned)]
+    await close.settle("leftover_tasks.cancel", leftover)
+
+
+def _models_of(holder: Any) -> list[Any]:
+    return [m for m in (holder.stt, holder.llm, holder.tts) if m is not None and not isinstance(m, str)]
+
+
+async def _close_owned_models(session: Any, close: BoundedClose) -> None:
+    """``close_models=True``: close the model instances this session used (the pooled
+    inference TTS websockets live until ``tts.aclose()``), except any that another running
+    session also uses. Bounded like every other step."""
+    mine = {id(m): m for holder in [session, *close.activities] for m in _models_of(holder)}
+    for other in streams_mod.known_sessions():
+        if other is not session and other._started:
+            for m in _models_of(other):
+                mine.pop(id(m), None)
+    if mine:
+        await close.step(
+            "models.aclose",
+            asyncio.gather(*(m.aclose() for m in mine.values()), return_exceptions=True),
+            deadline=min(close.inner_deadline(), time.monotonic() + UNWIND_GRACE * 2),
+        )

@@ -1,0 +1,42 @@
+"""Which objects work on a session's behalf.
+
+The audit (what a closed session left running) and the stream ledger (which session a
+stream belongs to) both answer "is this task working for that session?" by walking the
+task's await chain for a frame whose ``self`` is one of these objects. Attributes that only
+some releases have are read with a default: a missing one narrows the set, never fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def activities_of(session: Any) -> list[Any]:
+    """The session's current activity and, for an ``AgentTask``, the parents it returns
+    to, plus a next activity a handoff is starting."""
+    from livekit.agents.voice.agent import AgentTask
+
+    out: list[Any] = []
+    act = session._activity
+    while act is not None and act not in out:
+        out.append(act)
+        agent = act.agent
+        old = agent._old_agent if isinstance(agent, AgentTask) else None
+        act = old._activity if old is not None else None
+    nxt = session._next_activity
+    if nxt is not None and nxt not in out:
+        out.append(nxt)
+    return out
+
+
+def objects_of(session: Any, activities: Iterable[Any] = ()) -> set[int]:
+    """Ids of the session, its activities (``activities`` plus the live ones) and the
+    parts of each activity that run tasks of their own."""
+    acts = list(activities) + [a for a in activities_of(session) if a not in activities]
+    objs: list[Any] = [session]
+    for act in acts:
+        recognition = getattr(act, "_audio_recognition", None)
+        objs += [act, act.agent, recognition, getattr(act, "_tool_executor", None), getattr(act, "_rt_session", None)]
+        objs.append(getattr(recognition, "_stt_pipeline", None))
+    return {id(o) for o in objs if o is not None}

@@ -1,0 +1,81 @@
+"""Regression tests for defects found in review (each failed before its fix)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import textwrap
+import weakref
+from typing import Any
+
+import pytest
+
+import livekit_safeclose as lsc
+from livekit_safeclose.testing.scenarios import Ctx, ScenarioAgent, make_session
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("patched", [True, False], ids=["layer", "vanilla"])
+async def test_a_task_that_closes_many_sessions_keeps_none_of_them_alive(patched: bool) -> None:
+    """A manager loop closing sessions one after another must not pin them: the close used
+    to add a done-callback capturing the session to the *calling* task (5 of 5 alive)."""
+    if patched:
+        lsc.install(drain_timeout=0.3, close_timeout=2.0)
+    refs: list[weakref.ref[Any]] = []
+    for _ in range(5):
+        ctx = Ctx()
+        session = make_session(ctx)
+        await session.start(ScenarioAgent(ctx))
+        await session.aclose()
+        refs.append(weakref.ref(session))
+        ctx.ledger.release()
+        del session, ctx
+    await asyncio.sleep(0.05)
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    assert alive == 0, f"{alive} of 5 closed sessions still alive"
+
+
+def test_fixture_keeps_the_users_install_options(pytester: pytest.Pytester) -> None:
+    """The ``safeclose`` fixture used to restore only 3 of the options, re-installing the
+    worker patches (``signal.signal``) in a suite that had chosen ``install(worker=False)``."""
+    pytester.makeconftest(
+        textwrap.dedent(
+            """
+            import livekit_safeclose
+
+            livekit_safeclose.install(worker=False, drain_timeout=1.0, close_timeout=4.0)
+            """
+        )
+    )
+    pytester.makepyfile(
+        textwrap.dedent(
+            """
+            import signal
+
+            import pytest
+
+            import livekit_safeclose
+
+            ORIGINAL_SIGNAL = signal.signal
+
+
+            @pytest.mark.safeclose(drain_timeout=0.5, close_timeout=3.0)
+            def test_uses_fixture(safeclose):
+                assert livekit_safeclose.installed_parts() == {"core", "stream_ledger"}
+                assert signal.signal is ORIGINAL_SIGNAL
+
+
+            def test_after():
+                opts = livekit_safeclose.installed_options()
+                assert opts is not None and opts.worker is False
+                assert (opts.drain_timeout, opts.close_timeout) == (1.0, 4.0)
+                assert signal.signal is ORIGINAL_SIGNAL
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-q")
+    result.assert_outcomes(passed=2)
