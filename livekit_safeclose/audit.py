@@ -36,7 +36,10 @@ class Audit:
         if self.clean:
             return "nothing left behind"
         out: list[str] = []
-        for title, items in (("tasks still running", self.tasks), ("zombies (swallowed cancellation)", self.zombies)):
+        for title, items in (
+            ("tasks still running", self.tasks),
+            ("zombies (swallowed cancellation)", self.zombies),
+        ):
             if items:
                 out.append(f"{title}:")
                 for t in items:

@@ -203,7 +203,9 @@ class BoundedClose:
         phase). True when ``fut`` finished, False when the bound passed."""
         while not fut.done():
             changed = self._changed
-            deadline = (math.inf if self.graceful else self.drain_deadline) if drain else self.phase_deadline()
+            deadline = (
+                (math.inf if self.graceful else self.drain_deadline) if drain else self.phase_deadline()
+            )
             waiter = asyncio.ensure_future(changed.wait())
             try:
                 timeout = None if math.isinf(deadline) else self.left(deadline)
@@ -221,7 +223,9 @@ class BoundedClose:
             changed = self._changed
             waiter = asyncio.ensure_future(changed.wait())
             try:
-                await asyncio.wait({fut, waiter}, timeout=self.left(deadline), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {fut, waiter}, timeout=self.left(deadline), return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 waiter.cancel()
             if not fut.done() and not changed.is_set():

@@ -117,7 +117,9 @@ def problem(req: Requirement) -> str | None:
     return None
 
 
-def problems(features: Iterable[Feature], table: Iterable[Requirement] | None = None) -> dict[Feature, list[str]]:
+def problems(
+    features: Iterable[Feature], table: Iterable[Requirement] | None = None
+) -> dict[Feature, list[str]]:
     """Unmet requirements per feature (optional rows never count)."""
     from .compat_table import REQUIREMENTS
 

@@ -23,6 +23,7 @@ CORE: tuple[R, ...] = (
     # patched: the close's entry points
     R("core", SESSION, "_aclose_impl", "method", ("reason", "drain", "error")),
     R("core", SESSION, "_close_soon", "method", ("reason", "drain", "error")),
+    R("core", SESSION, "start", "method"),
     R("core", ACTIVITY, "drain", "method"),
     R("core", ACTIVITY, "aclose", "method"),
     # read by the close
@@ -98,7 +99,15 @@ BOUNDED_DRAIN_END: tuple[R, ...] = (
 IDLE_REPORT: tuple[R, ...] = (
     # assigned when the server runs
     R("idle_report", SERVER, "run", "uses", ("_proc_pool", "_inference_executor"), optional=True),
-    R("idle_report", "livekit.agents.ipc.proc_pool:ProcPool", "_default_num_idle_processes", "init_attr", optional=True),
+    R(
+        "idle_report",
+        "livekit.agents.ipc.proc_pool:ProcPool",
+        "_default_num_idle_processes",
+        "init_attr",
+        optional=True,
+    ),
 )
 
-REQUIREMENTS: tuple[R, ...] = CORE + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + IDLE_REPORT
+REQUIREMENTS: tuple[R, ...] = (
+    CORE + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + IDLE_REPORT
+)

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import report as report_mod
-from . import streams as streams_mod
 from .bounded_close import UNWIND_GRACE, BoundedClose
-from .ownership import activities_of, objects_of
+from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
 
 
@@ -40,7 +39,9 @@ async def finish(
         await _stop_leftover_tasks(session, close)
         if close.options.close_models:
             await _close_owned_models(session, close)
-        end = close.close_deadline if not math.isinf(close.close_deadline) else time.monotonic() + UNWIND_GRACE
+        end = (
+            close.close_deadline if not math.isinf(close.close_deadline) else time.monotonic() + UNWIND_GRACE
+        )
         await close.sweep_streams(session, end)
         await close.settle_pending(end)
         close.note_streams_left_open(session)
@@ -100,8 +101,8 @@ async def _close_owned_models(session: Any, close: BoundedClose) -> None:
     inference TTS websockets live until ``tts.aclose()``), except any that another running
     session also uses. Bounded like every other step."""
     mine = {id(m): m for holder in [session, *close.activities] for m in _models_of(holder)}
-    for other in streams_mod.known_sessions():
-        if other is not session and other._started:
+    for other in running_sessions():
+        if other is not session:
             for m in _models_of(other):
                 mine.pop(id(m), None)
     if mine:

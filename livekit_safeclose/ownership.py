@@ -8,8 +8,22 @@ some releases have are read with a default: a missing one narrows the set, never
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
+
+#: every session that called ``start()`` while the layer was installed (weak: a closed
+#: session that nobody holds goes): whom a model instance may be shared with
+_started_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def note_started(session: Any) -> None:
+    _started_sessions.add(session)
+
+
+def running_sessions() -> list[Any]:
+    """The sessions that are started now."""
+    return [s for s in list(_started_sessions) if s._started]
 
 
 def activities_of(session: Any) -> list[Any]:
@@ -37,6 +51,12 @@ def objects_of(session: Any, activities: Iterable[Any] = ()) -> set[int]:
     objs: list[Any] = [session]
     for act in acts:
         recognition = getattr(act, "_audio_recognition", None)
-        objs += [act, act.agent, recognition, getattr(act, "_tool_executor", None), getattr(act, "_rt_session", None)]
+        objs += [
+            act,
+            act.agent,
+            recognition,
+            getattr(act, "_tool_executor", None),
+            getattr(act, "_rt_session", None),
+        ]
         objs.append(getattr(recognition, "_stt_pipeline", None))
     return {id(o) for o in objs if o is not None}

@@ -8,13 +8,14 @@ applies and reverts rows; :mod:`.compat_table` lists what each part reads.
 
 from __future__ import annotations
 
+from .options import Part
 from .patching import Patch
 
 SESSION = "livekit.agents.voice.agent_session:AgentSession"
 ACTIVITY = "livekit.agents.voice.agent_activity:AgentActivity"
 
-CORE = frozenset({"core"})
-LEDGER = frozenset({"stream_ledger"})
+CORE: frozenset[Part] = frozenset({"core"})
+LEDGER: frozenset[Part] = frozenset({"stream_ledger"})
 
 PATCHES: tuple[Patch, ...] = (
     Patch(CORE, SESSION, "_aclose_impl", "livekit_safeclose.session:wrap_aclose_impl",
@@ -22,6 +23,8 @@ PATCHES: tuple[Patch, ...] = (
           "phase by phase; callers await it shielded"),
     Patch(CORE, SESSION, "_close_soon", "livekit_safeclose.session:wrap_close_soon",
           "a finished closing task is reset; a forced request escalates a graceful close"),
+    Patch(CORE, SESSION, "start", "livekit_safeclose.session:wrap_start",
+          "the session is noted (weakly) as started: whom a shared model belongs to"),
     Patch(CORE, ACTIVITY, "drain", "livekit_safeclose.activity:wrap_drain",
           "while its session closes: bounded by the drain deadline, then the activity's tasks "
           "are force-cancelled lock-free and the cancellation absorbed"),

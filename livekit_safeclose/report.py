@@ -121,4 +121,6 @@ def emit(session: Any, report: CloseReport) -> None:
 
 def stuck_task(task: asyncio.Task[Any], *, swallowed_cancel: bool = False) -> StuckTask:
     """The report entry for ``task``: its name and where it is parked."""
-    return StuckTask(name=task_name(task), stack=await_chain(task, _MAX_STACK), swallowed_cancel=swallowed_cancel)
+    return StuckTask(
+        name=task_name(task), stack=await_chain(task, _MAX_STACK), swallowed_cancel=swallowed_cancel
+    )

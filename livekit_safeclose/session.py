@@ -28,7 +28,7 @@ from . import options as options_mod
 from .activity import force, settle_drain_phase
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
 from .locks import free_within
-from .ownership import activities_of
+from .ownership import activities_of, note_started
 from .stacks import runs_code
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
@@ -93,6 +93,20 @@ def wrap_close_soon(original: Callable[..., None], _options: Any) -> Callable[..
         original(self, reason=reason, drain=drain, error=error)
 
     return _close_soon
+
+
+def wrap_start(original: Method, _options: Any) -> Method:
+    """Patch-table factory for ``AgentSession.start``: the session is noted as started
+    (weakly), so closing a session with ``close_models`` can spare a model another running
+    session uses."""
+
+    @functools.wraps(original)
+    async def start(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if options_mod.for_session(self) is not None:
+            note_started(self)
+        return await original(self, *args, **kwargs)
+
+    return start
 
 
 def _open_close(

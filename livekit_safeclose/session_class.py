@@ -32,7 +32,7 @@ def _build() -> type[Any]:
 
     compat.check(SESSION_PARTS)
 
-    class AgentSession(Upstream):  # type: ignore[misc,valid-type]
+    class AgentSession(Upstream[Any]):
         """Drop-in ``AgentSession`` with the bounded close. Takes the close options of
         :func:`livekit_safeclose.install`: ``drain_timeout``, ``close_timeout``,
         ``close_models``."""

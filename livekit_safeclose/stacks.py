@@ -31,7 +31,9 @@ def _coroutine_frames(obj: Any) -> Iterator[FrameType]:
         nxt = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
         if nxt is None and isinstance(obj, GeneratorType):
             nxt = obj.gi_yieldfrom
-        if nxt is None or (not isinstance(nxt, (CoroutineType, GeneratorType)) and not hasattr(nxt, "ag_frame")):
+        if nxt is None or (
+            not isinstance(nxt, (CoroutineType, GeneratorType)) and not hasattr(nxt, "ag_frame")
+        ):
             return
         obj = nxt
 

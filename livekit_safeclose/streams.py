@@ -60,7 +60,9 @@ _context_var: Any = None
 
 def main_task(stream: Any) -> asyncio.Task[Any] | None:
     """The task that owns the stream's provider connection."""
-    task: asyncio.Task[Any] | None = getattr(stream, "_task", None) or getattr(stream, "_synthesize_task", None)
+    task: asyncio.Task[Any] | None = getattr(stream, "_task", None) or getattr(
+        stream, "_synthesize_task", None
+    )
     return task
 
 
@@ -128,6 +130,7 @@ def streams_of(session: Any) -> list[OpenStream]:
 
 
 def known_sessions() -> list[Any]:
+    """Every session a stream was attributed to."""
     return list(_sessions)
 
 

@@ -25,6 +25,12 @@ from livekit_safeclose.patching import Patch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _start_unpatched() -> None:
+    # collecting examples/ imports an agent file that calls install() at import time
+    lsc.uninstall()
+
+
 def _snapshot() -> dict[tuple[str, str], object]:
     """Every table target's own attribute (or absence), as upstream has it now."""
     snap: dict[tuple[str, str], object] = {}
@@ -44,7 +50,11 @@ def test_install_applies_every_row_and_uninstall_restores_exactly() -> None:
         if patching.is_applied(row):
             new = after[(row.owner, row.attribute)]
             assert new is not before[(row.owner, row.attribute)], row.target
-            expected = None if before[(row.owner, row.attribute)] is patching.ABSENT else before[(row.owner, row.attribute)]
+            expected = (
+                None
+                if before[(row.owner, row.attribute)] is patching.ABSENT
+                else before[(row.owner, row.attribute)]
+            )
             wrapped = getattr(new, "__wrapped__", "missing")
             # an inherited attribute is wrapped as found on the owner
             assert wrapped is expected or expected is None, row.target
@@ -220,11 +230,15 @@ def test_stand_in_module_shape_names_what_is_missing() -> None:
     sys.modules["safeclose_fake_release"] = shape
     try:
         table = (
-            Requirement("core", "safeclose_fake_release:Session", "_aclose_impl", "method", ("reason", "drain")),
+            Requirement(
+                "core", "safeclose_fake_release:Session", "_aclose_impl", "method", ("reason", "drain")
+            ),
             Requirement("core", "safeclose_fake_release:Session", "_closing_task", "init_attr"),
             Requirement("core", "safeclose_fake_release:Session", "_lock", "init_attr"),
             Requirement("core", "safeclose_fake_release:Missing", "x", "attr"),
-            Requirement("core", "safeclose_fake_release:_run_worker", "_force_exit", "closure", ("escalating",)),
+            Requirement(
+                "core", "safeclose_fake_release:_run_worker", "_force_exit", "closure", ("escalating",)
+            ),
             Requirement("core", "safeclose_fake_release:Session", "_optional", "attr", optional=True),
         )
         found = compat.problems({"core"}, table)["core"]
@@ -268,7 +282,9 @@ def test_every_module_imports_without_livekit_agents() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize(("text", "ok"), [("1.8.9", True), ("1.8.12rc1", True), ("1.7.3", False), ("1.9.0", False)])
+@pytest.mark.parametrize(
+    ("text", "ok"), [("1.8.9", True), ("1.8.12rc1", True), ("1.7.3", False), ("1.9.0", False)]
+)
 def test_tested_range(text: str, ok: bool) -> None:
     assert compat.tested(text) is ok
 

@@ -6,51 +6,31 @@ followed by the final-transcript wait and the model teardown.
 
 * whole close: from the close request until it returned, against ``close_timeout``;
 * drain: from the start of the close (or of the escalation, for a graceful close a
-  forced one joined) until the drain phase ended, against ``drain_timeout``. The drain
-  phase is the ``activity.drain`` step of the close report (plus, where they occur, the
-  ``agent_task.wait_for_inactive`` and ``session.start`` steps bounded by the same
-  deadline). Report steps carry only their own duration, so the time each step ended is
-  taken by wrapping ``CloseRun.record`` in this process (read-only: it calls through).
+  forced one joined) until the drain phase ended, against ``drain_timeout``: the time the
+  close report gives for the start of the ``models`` phase (``report.phases``), minus
+  ``report.escalated_ms``. A close during ``start()`` has no activity to drain: no figure.
 
 Vanilla gets one run per scenario and a fixed wait: it never closes.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from livekit_safeclose import _run
 from livekit_safeclose.testing.scenarios import SCENARIOS, run_scenario
 
 from .common import pct
 
-DRAIN_STEPS = ("activity.drain", "agent_task.wait_for_inactive", "session.start")
 DRAIN_TIMEOUT = 0.5
 CLOSE_TIMEOUT = 2.0
 
-#: report id -> [(step name, ms since the close (or the escalation) started)]
-_marks: dict[int, list[tuple[str, float]]] = {}
 
-
-def _instrument() -> None:
-    """Timestamp each report step as it is recorded, and each escalation."""
-    cls: Any = _run.CloseRun
-    if getattr(cls, "_bench_wrapped", False):
-        return
-    record, escalate = cls.record, cls.escalate
-
-    def _record(self: Any, name: str, ms: float, outcome: Any, detail: str = "") -> None:
-        ref = self.__dict__.get("_bench_escalated_at", self.t0)
-        _marks.setdefault(id(self.report), []).append((name, (time.monotonic() - ref) * 1000))
-        record(self, name, ms, outcome, detail)
-
-    def _escalate(self: Any) -> None:
-        if self.graceful:
-            self.__dict__["_bench_escalated_at"] = time.monotonic()
-        escalate(self)
-
-    cls.record, cls.escalate, cls._bench_wrapped = _record, _escalate, True
+def drain_end_ms(report: Any) -> float | None:
+    """When the drain phase ended, from the start of the close or its escalation."""
+    models = report.phases.get("models")
+    if models is None:
+        return None
+    return float(models) - float(report.escalated_ms or 0.0)
 
 
 def _scenario_ids(quick: bool) -> list[str]:
@@ -80,7 +60,6 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
                 {"scenario": sid, "closed": out.closed, "ms": out.ms, "provider_open": out.provider_open}
             )
         return {"wait_s": wait, "rows": rows}
-    _instrument()
     k = 1 if quick else 5
     rows = []
     for sid in ids:
@@ -98,9 +77,9 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
             rep = out.report
             if rep is not None:
                 forced += rep.forced
-                ends = [t for name, t in _marks.pop(id(rep), []) if name in DRAIN_STEPS]
-                if ends:
-                    drains.append(max(ends))
+                end = drain_end_ms(rep)
+                if end is not None:
+                    drains.append(end)
                 steps = [{"name": s.name, "ms": s.ms, "outcome": s.outcome} for s in rep.steps]
         rows.append(
             {
