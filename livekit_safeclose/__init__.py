@@ -44,6 +44,7 @@ def install(
     *,
     drain_timeout: float = 5.0,
     close_timeout: float = 10.0,
+    graceful_timeout: float | None = 30.0,
     close_models: bool = False,
     worker: bool = True,
     signal_guard: bool = True,
@@ -65,6 +66,7 @@ def install(
     options = Options.validated(
         drain_timeout=drain_timeout,
         close_timeout=close_timeout,
+        graceful_timeout=graceful_timeout,
         close_models=close_models,
         worker=worker,
         signal_guard=signal_guard,

@@ -158,7 +158,7 @@ def wrap_aclose(original: Method, _options: Any) -> Method:
             if close.graceful:
                 abandoned = await _graceful(close, self, original)
                 if abandoned is not None:
-                    close.escalate()
+                    close.escalate("close_timeout")
                     await close.sweep_streams(self._session, close.grace())
                     await _complete(close, self, abandoned)
             else:

@@ -56,7 +56,11 @@ def audit(session: Any) -> Audit:
     """What ``session`` left behind; call it after the close returned, in its loop."""
     close = closing_of(session, live_only=False)
     streams = streams_mod.streams_of(session)
-    owned = objects_of(session, list(close.activities) if close is not None else [])
+    owned = objects_of(
+        session,
+        list(close.activities) if close is not None else [],
+        list(close.io_objects) if close is not None else [],
+    )
     owned |= {id(e.stream) for e in streams}
     zombies = set(close.zombies) if close is not None else set()
     me = asyncio.current_task()

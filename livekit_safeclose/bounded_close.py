@@ -96,12 +96,14 @@ class BoundedClose:
         # weak: a finished close (kept on the session for its report) must not pin what
         # it touched; a task still running on an activity's behalf keeps it alive anyway
         self.activities: weakref.WeakSet[Any] = weakref.WeakSet()  # for the audit
+        self.io_objects: weakref.WeakSet[Any] = weakref.WeakSet()  # outputs, before detached
         self.cancelled_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.zombies: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.pending: list[asyncio.Future[Any]] = []  # abandoned steps
         self.held_by_abandoned_drain: set[int] = set()  # ids of activities
         self.close_emitted = False
-        self.was_started = False  # the session had finished start() when the close began
+        self.was_started = False  # the session was started (or starting) when the close began
+        self.interrupted_start = False  # the close cancelled what start() waited on
         self.abandoned_in: Phase | None = None  # where upstream's close was abandoned
         self.ended = False  # the completion ran: the close no longer acts
         self.forced = False
@@ -115,9 +117,17 @@ class BoundedClose:
         self._left_open: list[str] = []
         self.drain_deadline = math.inf
         self.close_deadline = math.inf
+        self.escalated_by: str | None = None
+        self._graceful_timer: asyncio.TimerHandle | None = None
         if not graceful:
             self.drain_deadline = self.t0 + self.drain_budget()
             self.close_deadline = self.t0 + options.close_timeout
+        elif options.graceful_timeout is not None:
+            # a goodbye into a caller who already hung up never plays out: past this bound
+            # the graceful close becomes a forced one
+            self._graceful_timer = asyncio.get_running_loop().call_later(
+                options.graceful_timeout, self.escalate, "graceful_timeout"
+            )
 
     # -- deadlines -----------------------------------------------------------------------
     def drain_budget(self) -> float:
@@ -131,13 +141,17 @@ class BoundedClose:
             _warn_tight(o, self.transcript_timeout)
         return max(min(o.drain_timeout, 0.1 * o.close_timeout), min(o.drain_timeout, room))
 
-    def escalate(self) -> None:
-        """A forced close joined a graceful one: from now on the bounds apply."""
+    def escalate(self, by: str = "forced close") -> None:
+        """A forced close joined a graceful one (or ``graceful_timeout`` passed): from now on
+        the bounds apply."""
         if not self.graceful:
             return
         self.graceful = False
+        if self._graceful_timer is not None:
+            self._graceful_timer.cancel()
         now = time.monotonic()
         self.escalated_ms = round((now - self.t0) * 1000, 1)
+        self.escalated_by = by
         self.drain_deadline = min(self.drain_deadline, now + self.drain_budget())
         self.close_deadline = min(self.close_deadline, now + self.options.close_timeout)
         self._notify()
@@ -347,6 +361,13 @@ class BoundedClose:
                 self.note_stuck(e.task)
 
     # -- output --------------------------------------------------------------------------------
+    def end(self) -> None:
+        """The close is over: it no longer acts, and its timer is gone."""
+        self.ended = True
+        if self._graceful_timer is not None:
+            self._graceful_timer.cancel()
+            self._graceful_timer = None
+
     def report(self, *, completed: bool) -> CloseReport:
         """The close report, built once the close ended."""
         return CloseReport(
@@ -369,6 +390,7 @@ class BoundedClose:
             streams_left_open=list(self._left_open),
             phases=dict(self._phases),
             escalated_ms=self.escalated_ms,
+            escalated_by=self.escalated_by,
         )
 
 

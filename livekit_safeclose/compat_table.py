@@ -53,6 +53,7 @@ CORE: tuple[R, ...] = (
     R("core", "livekit.agents.voice.agent_activity", "_AgentActivityContextVar", "attr"),
     R("core", SPEECH, "_tasks", "init_attr"),
     R("core", SPEECH, "_mark_done", "method"),
+    R("core", "livekit.agents.beta.tools.end_call:EndCallTool", "_end_call", "method", optional=True),
 )
 
 STREAM_LEDGER: tuple[R, ...] = (

@@ -8,7 +8,8 @@ when upstream's close already did it, and bounded by what is left of the close b
 2. an activity the close touched that is still open is closed (forced);
 3. any task still working on the session's behalf (a forwarding task an abandoned teardown
    never cancelled, a hook upstream does not await) is cancelled: what the audit would find;
-4. ``close_models``: the session's own model instances;
+4. what a feature module opened on the session's behalf and upstream does not close (each
+   :data:`FINISHERS` entry), and with ``close_models`` the session's own model instances;
 5. the session's provider streams still open are stopped, abandoned steps are settled;
 6. the report is published.
 """
@@ -27,6 +28,19 @@ from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
 
 
+#: ``"module:function"`` entries, each ``async def finish(session, close)``: one per feature
+#: whose resources upstream does not tie to the session (run in order, each bounded)
+FINISHERS: tuple[str, ...] = ()
+
+
+async def _run_finishers(session: Any, close: BoundedClose) -> None:
+    from .patching import resolve
+
+    for dotted in FINISHERS:
+        name = dotted.split(":", 1)[0].rsplit(".", 1)[-1] + ".finish"
+        await close.step(name, resolve(dotted)(session, close), deadline=close.grace())
+
+
 async def finish(
     session: Any, close: BoundedClose, *, reason: Any, error: Any, on_close: Callable[[Any], None]
 ) -> None:
@@ -37,6 +51,7 @@ async def finish(
         if close.was_started and not close.close_emitted:
             _emit_close(session, close, reason=reason, error=error)
         await _stop_leftover_tasks(session, close)
+        await _run_finishers(session, close)
         if close.options.close_models:
             await _close_owned_models(session, close)
         end = (
@@ -49,7 +64,7 @@ async def finish(
         # upstream never resets its closing task: a restarted session could not be shut
         # down again
         session._closing_task = None
-        close.ended = True
+        close.end()
         session.off("close", on_close)
         report_mod.emit(session, close.report(completed=completed))
 
@@ -60,7 +75,7 @@ async def _close_activities(session: Any, close: BoundedClose) -> None:
     acts = list(close.activities) + [a for a in activities_of(session) if a not in close.activities]
     for act in acts:
         if not act._closed:
-            close.escalate()
+            close.escalate("abandoned close")
             await act.aclose()
     if session._activity is not None and session._activity._closed:
         session._activity = None
@@ -81,7 +96,7 @@ async def _stop_leftover_tasks(session: Any, close: BoundedClose) -> None:
     outlive its close. Spared: the close's own tasks, known zombies, and the close's waiters
     with whatever awaits them (a tool awaiting the close resumes after it)."""
     mine = {close.task, close.upstream, asyncio.current_task()}
-    owned = objects_of(session, list(close.activities))
+    owned = objects_of(session, list(close.activities), list(close.io_objects))
 
     def spared(t: asyncio.Task[Any]) -> bool:
         if t in mine or t in close.zombies or t in close.waiters:

@@ -39,12 +39,15 @@ def flag(name: str, value: object) -> bool:
 class Options:
     """Every option of :func:`livekit_safeclose.install`.
 
-    ``drain_timeout``/``close_timeout`` bound a forced close; ``close_models`` also closes
-    the session's own model instances; ``worker`` and the flags after it choose the worker
-    lifecycle parts (``worker=False`` turns them all off)."""
+    ``drain_timeout``/``close_timeout`` bound a forced close; ``graceful_timeout`` bounds
+    the wait of a graceful one (``None``: upstream's unbounded wait), after which it is
+    forced; ``close_models`` also closes the session's own model instances; ``worker`` and
+    the flags after it choose the worker lifecycle parts (``worker=False`` turns them all
+    off)."""
 
     drain_timeout: float = 5.0
     close_timeout: float = 10.0
+    graceful_timeout: float | None = 30.0
     close_models: bool = False
     worker: bool = True
     signal_guard: bool = True
@@ -63,7 +66,12 @@ class Options:
         merged = {**dataclasses.asdict(cls()), **values}
         checked: dict[str, Any] = {}
         for name, value in merged.items():
-            checked[name] = seconds(name, value) if name.endswith("_timeout") else flag(name, value)
+            if name == "graceful_timeout" and value is None:
+                checked[name] = None
+            elif name.endswith("_timeout"):
+                checked[name] = seconds(name, value)
+            else:
+                checked[name] = flag(name, value)
         if checked["drain_timeout"] > checked["close_timeout"]:
             raise ValueError(
                 f"drain_timeout ({checked['drain_timeout']}) must be <= close_timeout "

@@ -44,11 +44,23 @@ def activities_of(session: Any) -> list[Any]:
     return out
 
 
-def objects_of(session: Any, activities: Iterable[Any] = ()) -> set[int]:
-    """Ids of the session, its activities (``activities`` plus the live ones) and the
-    parts of each activity that run tasks of their own."""
+def outputs_of(session: Any) -> list[Any]:
+    """The session's audio and transcription outputs, with the sinks they chain to (a
+    task waiting on a dead sink's playout runs on their behalf)."""
+    out: list[Any] = []
+    for head in (session.output.audio, session.output.transcription):
+        sink = head
+        while sink is not None and sink not in out:
+            out.append(sink)
+            sink = getattr(sink, "next_in_chain", None)
+    return out
+
+
+def objects_of(session: Any, activities: Iterable[Any] = (), extra: Iterable[Any] = ()) -> set[int]:
+    """Ids of the session, its activities (``activities`` plus the live ones), the parts of
+    each activity that run tasks of their own, and ``extra`` objects."""
     acts = list(activities) + [a for a in activities_of(session) if a not in activities]
-    objs: list[Any] = [session]
+    objs: list[Any] = [session, *extra, *outputs_of(session)]
     for act in acts:
         recognition = getattr(act, "_audio_recognition", None)
         objs += [

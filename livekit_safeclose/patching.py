@@ -49,6 +49,8 @@ class Patch:
     #: ``"module:function"`` called with no arguments right after the row is reverted: for
     #: state that lives outside the attribute (a signal handler installed at the OS level)
     on_revert: str | None = None
+    #: the owner exists only on some releases (a beta tool): skipped where it is absent
+    if_present: bool = False
 
     @property
     def target(self) -> str:
@@ -91,7 +93,12 @@ def _make(row: Patch, owner: Any, options: Options) -> tuple[Any, Any]:
 
 
 def _apply_row(row: Patch, options: Options) -> None:
-    owner = resolve(row.owner)
+    try:
+        owner = resolve(row.owner)
+    except (ImportError, AttributeError):
+        if row.if_present:
+            return
+        raise
     saved, replacement = _make(row, owner, options)
     setattr(owner, row.attribute, replacement)
     _applied[row] = _Applied(owner, saved, replacement, options)
@@ -129,7 +136,8 @@ def apply(rows: Iterable[Patch], parts: Iterable[Part], options: Options, *, exc
                     continue
                 if on:
                     _apply_row(row, options)
-                    done.append(row)
+                    if row in _applied:
+                        done.append(row)
         except BaseException:
             for row in reversed(done):
                 _revert_row(row)

@@ -70,8 +70,10 @@ class CloseReport:
     #: ms since the close began at which each phase of upstream's close began (``drain``,
     #: ``models``, ``steps``, ``after``)
     phases: dict[str, float] = field(default_factory=dict)
-    #: ms since the close began at which a forced close joined this graceful one
+    #: ms since the close began at which this graceful close became a forced one, and why
+    #: (``"forced close"``: one joined it; ``"graceful_timeout"``: its bound passed)
     escalated_ms: float | None = None
+    escalated_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

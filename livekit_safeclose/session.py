@@ -28,7 +28,8 @@ from . import options as options_mod
 from .activity import force, settle_drain_phase
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
 from .locks import free_within
-from .ownership import activities_of, note_started
+from .ownership import activities_of, note_started, outputs_of
+from .report import logger
 from .stacks import runs_code
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
@@ -96,15 +97,33 @@ def wrap_close_soon(original: Callable[..., None], _options: Any) -> Callable[..
 
 
 def wrap_start(original: Method, _options: Any) -> Method:
-    """Patch-table factory for ``AgentSession.start``: the session is noted as started
-    (weakly), so closing a session with ``close_models`` can spare a model another running
-    session uses."""
+    """Patch-table factory for ``AgentSession.start``. The session is noted as started
+    (weakly: closing a session with ``close_models`` spares a model another running session
+    uses). A close that interrupts ``start()`` cancels what it waits on; ``start()`` then
+    returns ``None`` once that close has ended (the close event was emitted, the session
+    holds no activity), instead of raising the close's cancellation into the caller."""
 
     @functools.wraps(original)
     async def start(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if options_mod.for_session(self) is not None:
-            note_started(self)
-        return await original(self, *args, **kwargs)
+        if options_mod.for_session(self) is None:
+            return await original(self, *args, **kwargs)
+        note_started(self)
+        try:
+            return await original(self, *args, **kwargs)
+        except asyncio.CancelledError:
+            close = closing_of(self, live_only=False)
+            me = asyncio.current_task()
+            cancelling = getattr(me, "cancelling", None)
+            if close is None or not close.interrupted_start or (cancelling is not None and cancelling()):
+                raise  # the caller itself was cancelled: not ours to swallow
+            logger.warning("the session was closed while it was starting; start() returns without a session")
+            if close.task is not None and me is not None:
+                close.waiters.add(me)  # waits for the close: never its target
+                try:
+                    await asyncio.shield(close.task)
+                finally:
+                    close.waiters.discard(me)
+            return None
 
     return start
 
@@ -122,10 +141,13 @@ def _open_close(
         graceful=drain,
         transcript_timeout=transcript,
     )
-    close.was_started = bool(session._started)
+    # a close that interrupts start() still ends with a close event
+    close.was_started = bool(session._started) or session._lock.locked()
     session.__dict__[CLOSE_ATTR] = close
     for act in activities_of(session):
         close.touch(act)
+    for sink in outputs_of(session):
+        close.io_objects.add(sink)
     close.task = asyncio.create_task(
         _closing_main(session, close, original, reason=reason, drain=drain, error=error),
         name="safeclose.AgentSession.close",
@@ -214,8 +236,6 @@ async def _watch(session: Any, close: BoundedClose) -> None:
         close.abandon(f"AgentSession._aclose_impl ({close.phase})", upstream, close.t0)
         return
     if not upstream.cancelled() and (exc := upstream.exception()) is not None:
-        from .report import logger
-
         logger.error("error while closing the session", exc_info=exc)
 
 
@@ -237,6 +257,7 @@ async def _wait_for_start(session: Any, close: BoundedClose) -> None:
     if not lock.locked() or await free_within(lock, in_drain_bound):
         return
     start = time.monotonic()
+    close.interrupted_start = True
     close.cancel(_start_tasks(session))
     for act in activities_of(session):
         force(close, act)

@@ -35,18 +35,22 @@ def _build() -> type[Any]:
     class AgentSession(Upstream[Any]):
         """Drop-in ``AgentSession`` with the bounded close. Takes the close options of
         :func:`livekit_safeclose.install`: ``drain_timeout``, ``close_timeout``,
-        ``close_models``."""
+        ``graceful_timeout``, ``close_models``."""
 
         def __init__(
             self,
             *args: Any,
             drain_timeout: float = 5.0,
             close_timeout: float = 10.0,
+            graceful_timeout: float | None = 30.0,
             close_models: bool = False,
             **kwargs: Any,
         ) -> None:
             options = Options.validated(
-                drain_timeout=drain_timeout, close_timeout=close_timeout, close_models=close_models
+                drain_timeout=drain_timeout,
+                close_timeout=close_timeout,
+                graceful_timeout=graceful_timeout,
+                close_models=close_models,
             )
             patching.apply(PATCHES, SESSION_PARTS, in_force() or options, exclusive=False)
             super().__init__(*args, **kwargs)

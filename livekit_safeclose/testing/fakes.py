@@ -341,3 +341,27 @@ class FastAudioOutput(io.AudioOutput):
         if self._timer is not None:
             self._timer.cancel()
         self._finish(0.0, True)
+
+
+class DeadAudioOutput(io.AudioOutput):
+    """The sink of a caller who already hung up: it takes every frame and starts playing,
+    but never reports the playout finished, so a speech into it never ends by itself
+    (livekit/agents#5497, #5359)."""
+
+    def __init__(self) -> None:
+        super().__init__(label="DeadAudioOutput", capabilities=io.AudioOutputCapabilities(pause=False))
+        self._started = False
+        self.frames = 0
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        await super().capture_frame(frame)
+        self.frames += 1
+        if not self._started:
+            self._started = True
+            self.on_playback_started(created_at=asyncio.get_running_loop().time())
+
+    def flush(self) -> None:
+        super().flush()
+
+    def clear_buffer(self) -> None:
+        pass
