@@ -27,7 +27,6 @@ from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
 
-
 #: ``"module:function"`` entries, each ``async def finish(session, close)``: one per feature
 #: whose resources upstream does not tie to the session (run in order, each bounded)
 FINISHERS: tuple[str, ...] = ()
