@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fnmatch
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,20 +31,63 @@ def _match(sid: str, pats: list[str]) -> bool:
     return any(fnmatch.fnmatch(sid, p) or sid.startswith(p) for p in pats)
 
 
+def _e2e_ids() -> list[str]:
+    """The real-socket ids (``{scenario}@{stt_kind}``), derived from the e2e catalogue so
+    a scenario added there is never missing here."""
+    from .testing.e2e import E2E_IDS
+
+    return list(E2E_IDS)
+
+
 def _scenario_ids(only: list[str] | None, e2e: bool = False) -> tuple[list[str], list[str]]:
     """The catalogue ids and (with ``e2e``) the real-socket ids that ``--only`` selects."""
     from .testing.scenarios import SCENARIOS
 
-    ids, e2e_ids = list(SCENARIOS), list(E2E_IDS) if e2e else []
-    pats = _patterns(only)
+    ids, pats = list(SCENARIOS), _patterns(only)
+    if not pats and not e2e:
+        return ids, []
+    known_e2e = _e2e_ids()
+    e2e_ids = known_e2e if e2e else []
     if not pats:
         return ids, e2e_ids
-    unknown = [p for p in pats if not any(_match(i, [p]) for i in ids + list(E2E_IDS))]
+    unknown = [p for p in pats if not any(_match(i, [p]) for i in ids + known_e2e)]
     if unknown:
-        raise SystemExit(
-            f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(ids + list(E2E_IDS))}"
-        )
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(ids + known_e2e)}")
     return [i for i in ids if _match(i, pats)], [i for i in e2e_ids if _match(i, pats)]
+
+
+#: what ``check`` imports beyond the base install: the scenarios run on the real Silero
+#: VAD (the ``testing`` extra); ``--e2e`` adds the real LLM and Deepgram plugins, which no
+#: extra but ``dev`` brings (pinned to the livekit-agents line the layer supports)
+_TESTING_EXTRA = '"livekit-safeclose[testing]"'
+_CHECK_NEEDS = ("livekit.plugins.silero",)
+_E2E_NEEDS = {
+    "livekit.plugins.openai": '"livekit-plugins-openai>=1.8.0,<1.9"',
+    "livekit.plugins.deepgram": '"livekit-plugins-deepgram>=1.8.0,<1.9"',
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a broken entry
+        return False
+
+
+def _missing_dependencies(e2e: bool) -> str | None:
+    """One line saying what to install when ``check`` cannot run here, else None.
+
+    Probed up front: otherwise every scenario's subprocess fails on the same import and
+    the cause is buried in the table."""
+    missing = [m for m in _CHECK_NEEDS if not _installed(m)]
+    missing_e2e = [m for m in _E2E_NEEDS if e2e and not _installed(m)]
+    if not missing and not missing_e2e:
+        return None
+    reqs = ([_TESTING_EXTRA] if missing else []) + [_E2E_NEEDS[m] for m in missing_e2e]
+    return (
+        f"error: livekit-safeclose check needs {', '.join(missing + missing_e2e)}, which this "
+        f"install lacks; run: pip install {' '.join(reqs)}"
+    )
 
 
 def _run_one_inprocess(args: argparse.Namespace) -> int:
@@ -114,16 +158,6 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
 
     print(json.dumps(asyncio.run(main())), flush=True)
     return 0
-
-
-E2E_IDS = (
-    "tool-stuck@inference_stt",
-    "tool-stuck@deepgram_stt",
-    "on-exit-hang@inference_stt",
-    "tts-stall-goodbye@inference_stt",
-    "llm-stall-goodbye@inference_stt",
-    "llm-stall-reply@inference_stt",
-)
 
 
 def _spawn(scenario: str, mode: str, args: argparse.Namespace, child: str = "_run") -> dict[str, Any]:
@@ -299,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         for sc in SCENARIOS.values():
             print(f"{sc.id:36} {sc.path:10} {sc.stuck}")
         return 0
+    missing = _missing_dependencies(args.e2e)
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
     return _check(args)
 
 

@@ -76,3 +76,58 @@ def test_check_e2e_reports_the_provider_side_count() -> None:
     assert row["vanilla"]["server_stt_open_at_close"] == 1
     assert row["layer"]["server_stt_open_after"] == 0
     assert row["layer"]["server_clean_closes"]["deepgram_stt"] == 1
+
+
+def test_e2e_ids_are_derived_from_the_catalogue() -> None:
+    from livekit_safeclose import cli
+    from livekit_safeclose.testing.e2e import E2E_SCENARIOS
+
+    derived = [f"{s.id}@{kind}" for s in E2E_SCENARIOS.values() for kind in s.stt_kinds]
+    _, e2e_ids = cli._scenario_ids(None, e2e=True)
+    assert e2e_ids == derived
+    assert "tts-stall-reply@inference_stt" in e2e_ids
+    assert {"tool-stuck@inference_stt", "tool-stuck@deepgram_stt"} <= set(e2e_ids)
+
+
+def _no_scenario_may_run(*_args: object, **_kwargs: object) -> dict[str, object]:
+    raise AssertionError("a scenario subprocess was started")
+
+
+@pytest.mark.parametrize(
+    "argv", [["check"], ["check", "--only", "healthy-aclose", "--json"], ["check", "--e2e"]]
+)
+def test_check_without_the_testing_extra_says_what_to_install(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain ``pip install livekit-safeclose`` has no Silero: one line, exit 2, at once."""
+    from livekit_safeclose import cli
+
+    monkeypatch.setitem(sys.modules, "livekit.plugins.silero", None)  # the import fails
+    monkeypatch.setattr(cli, "_spawn", _no_scenario_may_run)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "livekit.plugins.silero" in err[0] and 'pip install "livekit-safeclose[testing]"' in err[0]
+
+
+def test_check_e2e_without_the_provider_plugins_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from livekit_safeclose import cli
+
+    monkeypatch.setitem(sys.modules, "livekit.plugins.openai", None)
+    monkeypatch.setattr(cli, "_spawn", _no_scenario_may_run)
+    assert cli.main(["check", "--e2e"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "livekit.plugins.openai" in line and '"livekit-plugins-openai>=1.8.0,<1.9"' in line
+    assert "[testing]" not in line  # Silero is there: only what is missing is named
+
+
+def test_list_needs_no_testing_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from livekit_safeclose import cli
+
+    monkeypatch.setitem(sys.modules, "livekit.plugins.silero", None)
+    assert cli.main(["check", "--list"]) == 0
+    assert "tool-park-aclose" in capsys.readouterr().out

@@ -1,0 +1,108 @@
+"""The end-to-end scenario catalogue: each names a fault the real plugins meet over real
+sockets, and the STT plugins it runs with; ``E2E_IDS`` (what ``check --e2e`` runs) is
+derived from it so a new scenario cannot be left out of the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..standins import Kind, LLMReply
+from .agents import ExitMode, ToolMode
+from .models import STTKind
+
+Trigger = Literal["voice", "text", "none"]
+
+
+@dataclass(frozen=True)
+class E2EScenario:
+    """One end-to-end close scenario.
+
+    ``stall`` (kind, when): the stand-in stalls that kind ``never_answer``, set
+    ``"before_start"`` (the pooled TTS socket prewarmed at start stalls too) or
+    ``"before_trigger"``. ``engaged``: what must have happened before the close starts
+    (``"tool"``: the tool was entered; ``"llm_open"``: the LLM request is held open;
+    ``"llm_done"``: the LLM answered in full, so the reply text is in the TTS stream).
+    ``vanilla_hangs``: whether unpatched livekit-agents is expected to hang on it.
+    ``stt_kinds``: the STT plugins ``livekit-safeclose check --e2e`` runs it with."""
+
+    id: str
+    stuck: str
+    description: str
+    tool: ToolMode = "ok"
+    on_exit: ExitMode = "none"
+    script: tuple[LLMReply, ...] = ()
+    trigger: Trigger = "none"
+    engaged: Literal["start", "tool", "llm_open", "llm_done"] = "start"
+    stall: tuple[Kind, Literal["before_start", "before_trigger"]] | None = None
+    vanilla_hangs: bool = True
+    stt_kinds: tuple[STTKind, ...] = ("inference_stt",)
+
+
+_TOOL_CALL = (LLMReply(tool_calls=[("lookup", {})]),)
+_LONG_TEXT = (LLMReply(text="Here is a long answer that takes a while to say out loud."),)
+
+E2E_SCENARIOS: dict[str, E2EScenario] = {
+    s.id: s
+    for s in [
+        E2EScenario(
+            "tool-stuck",
+            "tool parked forever, reached through a real LLM tool call",
+            "The caller speaks (tone -> real STT transcript -> end of turn), the real LLM "
+            "plugin receives a scripted tool call, and the tool never returns.",
+            tool="park",
+            script=_TOOL_CALL,
+            trigger="voice",
+            engaged="tool",
+            # each STT plugin says goodbye its own way (session.close / CloseStream)
+            stt_kinds=("inference_stt", "deepgram_stt"),
+        ),
+        E2EScenario(
+            "on-exit-hang",
+            "Agent.on_exit never returns",
+            "on_exit runs inside the close (drain holds the activity lock while awaiting it).",
+            on_exit="park",
+        ),
+        E2EScenario(
+            "tts-stall-goodbye",
+            "TTS provider never answers a goodbye said in on_exit",
+            "A realistic outage: on_exit says goodbye, the TTS stand-in accepts the socket and "
+            "never answers. Vanilla waits for the TTS conn_options (timeout x attempts).",
+            on_exit="say",
+            stall=("inference_tts", "before_start"),
+        ),
+        E2EScenario(
+            "llm-stall-goodbye",
+            "LLM provider never answers a goodbye generated in on_exit",
+            "on_exit asks the LLM for a goodbye; the LLM stand-in sends headers and nothing else.",
+            on_exit="reply",
+            stall=("llm", "before_trigger"),
+        ),
+        # controls: a stall *while a reply is generating* does not hang vanilla, because
+        # the forced interrupt cancels the reply and the plugins' streams end on cancel
+        E2EScenario(
+            "llm-stall-reply",
+            "LLM never answers while a reply is generating (control)",
+            "The forced interrupt reaches the stalled LLM stream: both close promptly.",
+            script=_LONG_TEXT,
+            trigger="text",
+            engaged="llm_open",
+            stall=("llm", "before_trigger"),
+            vanilla_hangs=False,
+        ),
+        E2EScenario(
+            "tts-stall-reply",
+            "TTS never answers while a reply is generating (control)",
+            "The forced interrupt reaches the stalled TTS stream: both close promptly.",
+            script=_LONG_TEXT,
+            trigger="text",
+            engaged="llm_done",
+            stall=("inference_tts", "before_start"),
+            vanilla_hangs=False,
+        ),
+    ]
+}
+
+#: ``{id}@{stt_kind}`` for every scenario and every STT kind it runs with
+E2E_IDS: tuple[str, ...] = tuple(f"{s.id}@{kind}" for s in E2E_SCENARIOS.values() for kind in s.stt_kinds)

@@ -1,0 +1,326 @@
+"""Running one end-to-end scenario: start a session on the real plugins, engage its fault,
+close it with ``aclose()`` and watch the stand-in server while and after it closes.
+
+The verdict is the provider's: what the server still holds once the close returned (or
+hung), so a close that "returns" while the socket lives on is caught.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from livekit.agents import AgentSession
+
+import livekit_safeclose as lsc
+
+from .._runs import LayerForRun, cancel_since
+from ..standins import KINDS, ProviderServer
+from ._server import POLL, SERVER_GRACE, counts, wait_until
+from .agents import E2EAgent, E2EContext
+from .audio import ScriptedAudioInput
+from .catalogue import E2E_SCENARIOS, E2EScenario, Trigger
+from .models import E2EModels, STTKind, make_e2e_session, make_models
+
+
+@dataclass
+class E2EOutcome:
+    """What one end-to-end run observed, counted by the SERVER.
+
+    ``stt_open_at_close``: open STT connections ``SERVER_GRACE`` after the close returned
+    (or after ``limit`` when it hung); ``stt_open_after``: at the end of the observation
+    window (``observe`` seconds later); ``stt_zero_ms``: ms from the start of the close
+    until the server first held no STT connection (``None``: never, in the window);
+    ``stt_reconnects_during_close``: STT connections opened while ``aclose()`` ran (or
+    until ``limit``); ``stt_reconnects_after_close``: opened after it returned (or after
+    ``limit``), within the observation window.
+    ``clean_closes``: per kind, connections that ended with a provider goodbye during the
+    run (``session.close``, ``CloseStream``, a client close frame for TTS, ``[DONE]``)."""
+
+    scenario: str
+    stt: STTKind
+    patched: bool
+    closed: bool
+    ms: float
+    engaged: bool
+    stt_open_before: int
+    stt_open_at_close: int
+    stt_open_after: int
+    stt_zero_ms: float | None
+    stt_connections: int
+    stt_reconnects_during_close: int
+    stt_reconnects_after_close: int
+    tts_open_after: int
+    llm_open_after: int
+    clean_closes: dict[str, int]
+    rejected: int
+    close_events: int
+    report: Any = None
+    error: str = ""
+    events: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def released(self) -> bool:
+        """The close returned and the provider holds no STT connection any more."""
+        return self.closed and self.stt_open_after == 0
+
+    def summary(self) -> str:
+        mode = "layer" if self.patched else "vanilla"
+        closed = f"closed in {self.ms:.0f} ms" if self.closed else f"NOT closed after {self.ms:.0f} ms"
+        return (
+            f"{self.scenario}[{self.stt}, {mode}]: {closed}; server STT open before={self.stt_open_before} "
+            f"at_close={self.stt_open_at_close} after={self.stt_open_after} zero_ms={self.stt_zero_ms} "
+            f"reconnects during={self.stt_reconnects_during_close} after={self.stt_reconnects_after_close}; tts_open={self.tts_open_after} "
+            f"llm_open={self.llm_open_after}; clean={self.clean_closes}; close_events={self.close_events}"
+            + (f"; error={self.error}" if self.error else "")
+        )
+
+
+@dataclass
+class _E2ERun:
+    """One run's moving parts, so the cleanup reaches them whatever step failed. It saves
+    the server switches the run changes (stall, LLM script) for :meth:`release`."""
+
+    sc: E2EScenario
+    server: ProviderServer
+    stt: STTKind
+    ctx: E2EContext = field(default_factory=E2EContext)
+    models: E2EModels | None = None
+    closer: asyncio.Future[None] | None = None
+    closes: list[Any] = field(default_factory=list)
+    err: str = ""
+
+    def __post_init__(self) -> None:
+        s = self.server
+        self._saved = (s.stall, s.stall_kinds, list(s.llm_script))
+
+    def stall(self) -> None:
+        """The stand-in stops answering the scenario's stalled kind."""
+        assert self.sc.stall is not None
+        self.server.stall_kinds = frozenset({self.sc.stall[0]})
+        self.server.stall = "never_answer"
+
+    def release(self) -> None:
+        """Release what the agent parked and put the server's switches back."""
+        self.ctx.release.set()
+        self.server.stall, self.server.stall_kinds = self._saved[0], self._saved[1]
+        self.server.llm_script[:] = self._saved[2]
+
+
+@dataclass
+class _CloseSeen:
+    """What the server showed around the close; see :class:`E2EOutcome` for the fields."""
+
+    ms: float
+    closed: bool
+    stt_before: int
+    at_close: int
+    zero_ms: float | None
+    total_at_close: int
+    total_at_end: int
+
+
+class _FirstZero:
+    """The first moment (ms since ``t0``) the server held no STT connection of ``kind``."""
+
+    def __init__(self, server: ProviderServer, kind: STTKind, t0: float) -> None:
+        self._server, self._kind, self._t0 = server, kind, t0
+        self.ms: float | None = None
+
+    def poll(self) -> None:
+        if self.ms is None and self._server.open_connections(self._kind) == 0:
+            self.ms = round((time.monotonic() - self._t0) * 1000, 1)
+
+
+async def _cleanup(
+    before: set[asyncio.Task[Any]],
+    models: E2EModels | None,
+    release: Callable[[], None],
+    closer: asyncio.Future[Any] | None,
+) -> None:
+    """Release what is parked, stop what is left of the run, close the models: bounded."""
+    release()
+    if closer is not None and not closer.done():
+        await asyncio.wait({closer}, timeout=0.3)
+        closer.cancel()
+    await cancel_since(before)
+    if models is not None:
+        await models.aclose()
+
+
+async def _trigger(session: AgentSession[Any], audio: ScriptedAudioInput, how: Trigger) -> None:
+    if how == "voice":
+        # 0.8 s of "speech": the stand-in sends a final after 0.5 s of voice, Silero
+        # hears the tone, and the turn ends on the silence that follows
+        await audio.speak(0.8)
+    elif how == "text":
+        session.generate_reply(user_input="please look it up")
+
+
+def _engaged_check(sc: E2EScenario, ctx: E2EContext, server: ProviderServer) -> Callable[[], bool]:
+    if sc.engaged == "tool":
+        return ctx.tool_entered.is_set
+    if sc.engaged == "llm_open":
+        return lambda: server.open_connections("llm") >= 1
+    if sc.engaged == "llm_done":
+        # the reply's text was streamed in full: it is in the (stalled) TTS stream now
+        return lambda: any(e.startswith("closed#") and e.endswith(":clean") for e in server.events("llm"))
+    return lambda: True
+
+
+async def _start_engaged(
+    run: _E2ERun, trigger: Trigger
+) -> tuple[AgentSession[Any], ScriptedAudioInput, bool]:
+    """Start the session on the real plugins, trigger the scenario and wait (bounded) until
+    its fault is engaged: (session, audio input, engaged). A miss is noted in ``run.err``."""
+    sc, server = run.sc, run.server
+    server.llm_script[:] = list(sc.script)
+    if sc.stall is not None and sc.stall[1] == "before_start":
+        run.stall()
+    run.models = make_models(server, run.stt)
+    session, audio = make_e2e_session(run.models)
+    session.on("close", run.closes.append)
+    await session.start(E2EAgent(run.ctx, tool=sc.tool, on_exit=sc.on_exit))
+    if not await server.await_open(run.stt, 1, 5.0):
+        run.err = f"no {run.stt} connection after start"
+    if sc.stall is not None and sc.stall[1] == "before_trigger":
+        run.stall()
+    await _trigger(session, audio, trigger)
+    engaged = await wait_until(_engaged_check(sc, run.ctx, server), 10.0)
+    if not engaged and not run.err:
+        run.err = f"scenario not engaged ({sc.engaged})"
+    await asyncio.sleep(0.1)
+    return session, audio, engaged
+
+
+async def _close_and_watch(
+    run: _E2ERun,
+    session: AgentSession[Any],
+    audio: ScriptedAudioInput,
+    *,
+    limit: float,
+    observe: float,
+    mute_on_close: bool,
+) -> _CloseSeen:
+    """``aclose()``, waited for at most ``limit`` (a hung close is left running), while
+    the server's STT count is watched; then ``observe`` seconds more of watching."""
+    server, kind = run.server, run.stt
+    stt_before = server.open_connections(kind)
+    total_at_close = server.total_connections(kind)
+    t0 = time.monotonic()
+    if mute_on_close:
+        audio.mode = "mute"
+    closer = run.closer = asyncio.ensure_future(session.aclose())
+    zero = _FirstZero(server, kind, t0)
+    while not closer.done() and time.monotonic() - t0 < limit:
+        zero.poll()
+        await asyncio.wait({closer}, timeout=POLL)
+    ms = (time.monotonic() - t0) * 1000
+    closed = closer.done() and not closer.cancelled() and closer.exception() is None
+    if closer.done() and not closer.cancelled() and (exc := closer.exception()) is not None:
+        run.err = run.err or repr(exc)
+    t_end = time.monotonic()
+    total_at_end = server.total_connections(kind)
+    at_close = await _observe(zero, server, kind, t_end, observe)
+    return _CloseSeen(ms, closed, stt_before, at_close, zero.ms, total_at_close, total_at_end)
+
+
+async def _observe(
+    zero: _FirstZero, server: ProviderServer, kind: STTKind, t_end: float, observe: float
+) -> int:
+    """Watch the server until ``observe`` s past ``t_end``; return its open STT count
+    ``SERVER_GRACE`` after ``t_end`` (the count the close left behind)."""
+    at_close: int | None = None
+    while True:
+        zero.poll()
+        now = time.monotonic()
+        if at_close is None and now >= t_end + SERVER_GRACE:
+            at_close = server.open_connections(kind)
+        if at_close is not None and now >= t_end + observe:
+            return at_close
+        await asyncio.sleep(POLL / 2)
+
+
+def _outcome(
+    run: _E2ERun,
+    session: AgentSession[Any],
+    seen: _CloseSeen,
+    start: dict[str, dict[Any, int]],
+    *,
+    patched: bool,
+    engaged: bool,
+) -> E2EOutcome:
+    server, kind = run.server, run.stt
+    end = counts(server)
+    return E2EOutcome(
+        scenario=run.sc.id,
+        stt=kind,
+        patched=patched,
+        closed=seen.closed,
+        ms=round(seen.ms, 1),
+        engaged=engaged,
+        stt_open_before=seen.stt_before,
+        stt_open_at_close=seen.at_close,
+        stt_open_after=server.open_connections(kind),
+        stt_zero_ms=seen.zero_ms,
+        stt_connections=end["total"][kind] - start["total"][kind],
+        stt_reconnects_during_close=seen.total_at_end - seen.total_at_close,
+        stt_reconnects_after_close=server.total_connections(kind) - seen.total_at_end,
+        tts_open_after=server.open_connections("inference_tts"),
+        llm_open_after=server.open_connections("llm"),
+        clean_closes={k: end["clean"][k] - start["clean"][k] for k in KINDS},
+        rejected=end["rejected"][kind] - start["rejected"][kind],
+        close_events=len(run.closes),
+        report=lsc.last_close_report(session) if patched else None,
+        error=run.err,
+        events={k: server.events(k) for k in KINDS},
+    )
+
+
+async def run_e2e_scenario(
+    name: str | E2EScenario,
+    *,
+    patched: bool,
+    server: ProviderServer,
+    stt: STTKind = "inference_stt",
+    drain_timeout: float = 0.5,
+    close_timeout: float = 3.0,
+    limit: float | None = None,
+    observe: float | None = None,
+    trigger: Trigger | None = None,
+    mute_on_close: bool = False,
+) -> E2EOutcome:
+    """Run one end-to-end scenario in the current event loop against ``server`` (which
+    the caller started and will stop; switches this run sets are restored after).
+
+    ``patched``: install the layer for the run (the previous install state is restored
+    after). ``limit``: how long to wait for ``aclose()`` before calling it hung (default:
+    close bound + 1 s patched, 1 s vanilla). ``observe``: how long to keep watching the
+    server after the close returned or hung (default: ``close_timeout`` patched, 0 s
+    vanilla). ``trigger`` overrides the scenario's (e.g. ``"text"`` for speed).
+    ``mute_on_close``: the caller hangs up as the close starts (no more audio frames).
+    Whatever the outcome, the stuck tool/hook is released and the session's leftovers are
+    cancelled before returning (bounded)."""
+    sc = E2E_SCENARIOS[name] if isinstance(name, str) else name
+    if limit is None:
+        limit = close_timeout + 1.0 if patched or not sc.vanilla_hangs else 1.0
+    if observe is None:
+        observe = close_timeout if patched else 0.0
+    install = LayerForRun(patched, drain_timeout=drain_timeout, close_timeout=close_timeout)
+    run = _E2ERun(sc, server, stt)
+    start = counts(server)
+    before = set(asyncio.all_tasks())
+    try:
+        session, audio, engaged = await _start_engaged(run, trigger or sc.trigger)
+        seen = await _close_and_watch(
+            run, session, audio, limit=limit, observe=observe, mute_on_close=mute_on_close
+        )
+        return _outcome(run, session, seen, start, patched=patched, engaged=engaged)
+    finally:
+        try:
+            await _cleanup(before, run.models, run.release, run.closer)
+        finally:
+            install.restore()

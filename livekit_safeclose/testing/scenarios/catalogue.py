@@ -1,0 +1,239 @@
+"""The scenario catalogue: every known way a session close hangs, plus healthy controls.
+
+A hang class names one fault and how to engage it; it expands into one scenario per close
+path it bites on, so a new fault is covered along every path at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from livekit.agents import Agent
+
+from ..fakes import FakeReply
+from .agents import Ctx, HangingToolset, ScenarioAgent, StuckTask
+
+ClosePath = Literal["aclose", "shutdown", "disconnect", "error", "graceful"]
+CLOSE_PATHS: tuple[ClosePath, ...] = ("aclose", "shutdown", "disconnect", "error")
+
+
+Setup = Callable[[Ctx], Awaitable[Agent]]
+Trigger = Callable[[Ctx], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One named close scenario."""
+
+    id: str
+    stuck: str
+    path: ClosePath
+    description: str
+    setup: Setup
+    trigger: Trigger | None = None
+    vanilla_hangs: bool = True
+    #: a close must end within drain bound (True) or may use the full close bound
+    drain_only: bool = False
+    #: the stream can't be closed by anyone (swallows every cancellation)
+    zombie_stream: bool = False
+    #: the session is closed once, restarted, then closed along ``path``
+    restart: bool = False
+    #: start() is still running when the close begins
+    during_start: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+async def _reply_calls_tool(ctx: Ctx) -> None:
+    assert ctx.session is not None
+    ctx.session.generate_reply(user_input="please look it up")
+
+
+def _tool_agent(tool: str) -> Setup:
+    async def setup(ctx: Ctx) -> Agent:
+        ctx.script = [FakeReply(tool_calls=[("lookup", {})])]
+        return ScenarioAgent(ctx, tool=tool)
+
+    return setup
+
+
+def _hook_agent(on_enter: str | None = None, on_exit: str | None = None) -> Setup:
+    async def setup(ctx: Ctx) -> Agent:
+        return ScenarioAgent(ctx, on_enter=on_enter, on_exit=on_exit)
+
+    return setup
+
+
+async def _engage_on_exit(ctx: Ctx) -> None:
+    ctx.engaged.set()  # on_exit only runs inside the close itself
+
+
+def _handoff(old_exit: str | None, new_enter: str | None) -> Setup:
+    async def setup(ctx: Ctx) -> Agent:
+        ctx.script = [FakeReply(tool_calls=[("lookup", {})])]
+        new = ScenarioAgent(ctx, on_enter=new_enter, label="new_agent")
+        return ScenarioAgent(ctx, on_exit=old_exit, handoff_to=new, label="old_agent")
+
+    return setup
+
+
+async def _agent_task(ctx: Ctx) -> Agent:
+    ctx.script = [FakeReply(tool_calls=[("lookup", {})])]
+    return ScenarioAgent(ctx, task=lambda: StuckTask(ctx))
+
+
+def _faulty_models(**kw: Any) -> Setup:
+    async def setup(ctx: Ctx) -> Agent:
+        ctx.stt_kwargs = kw.get("stt", {})
+        ctx.tts_kwargs = kw.get("tts", {})
+        ctx.llm_close_fault = kw.get("llm_fault", "none")
+        if kw.get("llm_stall"):
+            ctx.script = [FakeReply(stall=True)]
+        return ScenarioAgent(ctx)
+
+    return setup
+
+
+async def _engage_now(ctx: Ctx) -> None:
+    ctx.engaged.set()
+
+
+async def _reply_engaged_when_streaming(ctx: Ctx) -> None:
+    assert ctx.session is not None
+    ctx.session.generate_reply(user_input="say something")
+    # engaged once the stalled stream is open at the "provider"
+    for _ in range(200):
+        if ctx.ledger.open_count("tts") or ctx.ledger.open_count("llm"):
+            break
+        await asyncio.sleep(0.01)
+    ctx.engaged.set()
+
+
+def _toolsets(scope: Literal["session", "agent"], **kw: Any) -> Setup:
+    async def setup(ctx: Ctx) -> Agent:
+        ts = HangingToolset(ctx, **kw)
+        if scope == "session":
+            ctx.session_tools = [ts]
+            return ScenarioAgent(ctx)
+        return ScenarioAgent(ctx, tools=[ts])
+
+    return setup
+
+
+@dataclass(frozen=True)
+class _HangClass:
+    """A hang class, expanded into one scenario per close path it applies to."""
+
+    key: str
+    stuck: str
+    description: str
+    setup: Setup
+    trigger: Trigger | None
+    paths: tuple[ClosePath, ...] = CLOSE_PATHS
+    during_start: bool = False
+    restart: bool = False
+
+
+HANG_CLASSES: tuple[_HangClass, ...] = (
+    _HangClass("tool-park", "tool parked on an await (honours cancellation)",
+               "A function tool awaits something that never comes; the interrupt cannot reach it "
+               "and AgentActivity.aclose() drains the tool executor before closing the models.",
+               _tool_agent("park"), _reply_calls_tool),
+    _HangClass("tool-swallow", "tool swallowing CancelledError",
+               "A function tool catches CancelledError and keeps waiting: nothing can stop it, "
+               "so a correct close abandons it.",
+               _tool_agent("swallow"), _reply_calls_tool),
+    _HangClass("tool-sleep", "tool running a long finite call (30 s)",
+               "Even a tool that honours cancellation holds a forced close for its whole "
+               "duration: the interrupt does not reach it.",
+               _tool_agent("sleep:30"), _reply_calls_tool),
+    _HangClass("on-exit-hang", "Agent.on_exit never returns",
+               "drain() holds the activity lock while it awaits on_exit.",
+               _hook_agent(on_exit="park"), _engage_on_exit),
+    _HangClass("on-enter-hang", "Agent.on_enter never returns",
+               "on_enter is a speech task without a SpeechHandle: interrupt() cannot stop it.",
+               _hook_agent(on_enter="park"), None),
+    _HangClass("agent-task-on-enter-hang", "AgentTask.on_enter never returns",
+               "A tool awaits an AgentTask whose on_enter hangs; the close waits for the task "
+               "to become inactive.",
+               _agent_task, _reply_calls_tool),
+    _HangClass("handoff-old-on-exit-hang", "old agent's on_exit hangs during a handoff",
+               "A tool hands off; the old agent's on_exit never returns while the handoff holds "
+               "the activity lock.",
+               _handoff("park", None), _reply_calls_tool),
+    _HangClass("handoff-new-on-enter-hang", "new agent's on_enter hangs after a handoff",
+               "A tool hands off; the new agent's on_enter never returns.",
+               _handoff(None, "park"), _reply_calls_tool),
+    _HangClass("stt-close-hang", "STT stream aclose() hangs",
+               "The recognize stream waits for a goodbye from the provider that never comes; "
+               "vanilla waits forever inside AgentActivity.aclose().",
+               _faulty_models(stt={"close_fault": "hang"}), _engage_now),
+    _HangClass("tts-stall", "TTS stream that never ends and hangs on cancel",
+               "The TTS stream accepts text, never produces audio, and waits for a provider "
+               "goodbye when cancelled.",
+               _faulty_models(tts={"stall": True, "close_fault": "hang"}), _reply_engaged_when_streaming),
+    _HangClass("llm-stall", "LLM stream that stalls and hangs on cancel",
+               "The LLM stream never answers and waits for a goodbye when cancelled.",
+               _faulty_models(llm_stall=True, llm_fault="hang"), _reply_engaged_when_streaming),
+    _HangClass("session-toolset-aclose-hang", "session Toolset (MCP-like) whose aclose() hangs",
+               "AgentSession gathers toolset.aclose() without a bound.",
+               _toolsets("session", hang_close=True), _engage_now),
+    _HangClass("agent-toolset-aclose-hang", "agent Toolset whose aclose() hangs",
+               "AgentActivity.aclose() gathers its agent's toolsets without a bound.",
+               _toolsets("agent", hang_close=True), _engage_now),
+    # before start() finished no model reports errors yet: no error path
+    _HangClass("start-toolset-setup-hang", "closing while start() sets up a toolset that hangs",
+               "start() holds the session lock across toolset setup; the close waits for it.",
+               _toolsets("agent", hang_setup=True), None, paths=("aclose", "shutdown", "disconnect"),
+               during_start=True),
+    # aclose() and the error close never used the stale closing task: only these two paths bite
+    _HangClass("restart", "a second close after the session was shut down and restarted",
+               "Upstream never resets the finished closing task, so after a restart shutdown() "
+               "and close-on-disconnect are no-ops and the session stays open.",
+               _hook_agent(), _engage_now, paths=("shutdown", "disconnect"), restart=True),
+)  # fmt: skip
+
+
+def _scenarios() -> list[Scenario]:
+    out = [
+        Scenario(
+            f"{hc.key}-{path}",
+            hc.stuck,
+            path,
+            hc.description,
+            hc.setup,
+            hc.trigger,
+            during_start=hc.during_start,
+            restart=hc.restart,
+            tags=("core",)
+            if hc.key in ("tool-park", "tool-swallow", "on-exit-hang", "stt-close-hang")
+            else (),
+        )
+        for hc in HANG_CLASSES
+        for path in hc.paths
+    ]
+    out += [
+        Scenario("tool-awaits-aclose", "tool that awaits session.aclose()", "aclose",
+                 "An await cycle: the close waits for the tool, the tool waits for the close.",
+                 _tool_agent("aclose"), _reply_calls_tool),
+        Scenario("race-aclose-shutdown", "aclose() racing shutdown(drain=False), tool stuck", "aclose",
+                 "Two forced closes at once must share one close and one close event.",
+                 _tool_agent("park"), _reply_calls_tool, tags=("race",)),
+        Scenario("escalate-graceful", "forced aclose() joining a graceful drain, tool stuck", "aclose",
+                 "shutdown(drain=True) waits for the stuck tool forever; an aclose() that joins "
+                 "it must bound it.",
+                 _tool_agent("park"), _reply_calls_tool, tags=("escalate",)),
+        # controls: must close fast with and without the layer
+        Scenario("healthy-aclose", "nothing (control)", "aclose",
+                 "A healthy session: both close promptly, nothing forced.",
+                 _hook_agent(), _engage_now, vanilla_hangs=False, tags=("control",)),
+        Scenario("graceful-slow-tool", "slow but finite tool, graceful drain (control)", "graceful",
+                 "shutdown(drain=True) must still wait for a 1.5 s tool to finish.",
+                 _tool_agent("sleep:1.5"), _reply_calls_tool, vanilla_hangs=False, tags=("control",)),
+    ]  # fmt: skip
+    return out
+
+
+SCENARIOS: dict[str, Scenario] = {s.id: s for s in _scenarios()}
