@@ -29,15 +29,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .adapters import close_recognition, forget_tool_tasks, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, BoundedClose, closing_of
 from .report import StepOutcome
 from .stacks import frames
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
-
-
-def tool_tasks(activity: Any) -> list[asyncio.Task[Any]]:
-    return [rt.exe_task for rt in list(activity._tool_executor._running_tasks.values())]
 
 
 def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
@@ -61,10 +58,7 @@ def quarantine(close: BoundedClose, activity: Any) -> None:
 
     stuck = [t for t in unsettled_tasks(activity) if t in close.cancelled_tasks]
     close.mark_zombies(stuck)
-    executor = activity._tool_executor
-    for call_id, running in list(executor._running_tasks.items()):
-        if running.exe_task in close.zombies:
-            executor._running_tasks.pop(call_id, None)
+    forget_tool_tasks(activity, close.zombies)
     for task in stuck:
         info = _get_activity_task_info(task)
         handle = info.speech_handle if info is not None else None
@@ -76,10 +70,7 @@ def spare_waiters(close: BoundedClose, activity: Any) -> None:
     """A tool awaiting the close resumes after it and must finish: upstream's ``aclose``
     cancels every tool it knows of, so the close's waiters are taken out of its
     bookkeeping first (their own end removes the entry anyway)."""
-    executor = activity._tool_executor
-    for call_id, running in list(executor._running_tasks.items()):
-        if running.exe_task in close.waiters:
-            executor._running_tasks.pop(call_id, None)
+    forget_tool_tasks(activity, close.waiters)
 
 
 def _outcome(fut: asyncio.Future[Any]) -> tuple[StepOutcome, str]:
@@ -212,7 +203,7 @@ async def _complete(close: BoundedClose, activity: Any, abandoned: asyncio.Futur
     agent's link to the activity (a restart with the same agent needs it cleared)."""
     recognition = activity._audio_recognition
     if recognition is not None and not _inside(abandoned, recognition):
-        await close.step("audio_recognition.aclose", recognition._aclose(), deadline=close.grace())
+        await close.step("audio_recognition.aclose", close_recognition(recognition), deadline=close.grace())
     rest = unsettled_tasks(activity)
     if (sched := activity._scheduling_atask) is not None:
         rest.append(sched)

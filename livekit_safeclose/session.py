@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import time
 import weakref
 from collections.abc import Callable, Coroutine
@@ -26,11 +25,11 @@ from typing import Any
 
 from . import options as options_mod
 from .activity import force, settle_drain_phase
+from .adapters import add_drain_blocked, start_tasks, transcript_timeout
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
 from .locks import free_within
 from .ownership import activities_of, note_started, outputs_of
 from .report import logger
-from .stacks import runs_code
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
 
@@ -132,8 +131,7 @@ def _open_close(
     session: Any, options: Any, original: Method, *, reason: Any, drain: bool, error: Any
 ) -> BoundedClose:
     """Start the session's one closing task."""
-    opts = getattr(session, "_opts", None)
-    transcript = float(getattr(opts, "session_close_transcript_timeout", 2.0))
+    transcript = transcript_timeout(session)
     close = BoundedClose(
         session_label=_label(session),
         options=options,
@@ -167,7 +165,7 @@ def _exempt_caller(session: Any, close: BoundedClose, me: asyncio.Task[Any] | No
     activity = _AgentActivityContextVar.get(None)
     if activity is None or activity._session is not session or activity._closed:
         return
-    activity._add_drain_blocked_tasks([me])
+    add_drain_blocked(activity, [me])
     # its speech can only end after the close: interrupted (as the close would) and, for the
     # close's own waits on it, done, as upstream's interruption timeout would mark it
     info = _get_activity_task_info(me)
@@ -239,13 +237,6 @@ async def _watch(session: Any, close: BoundedClose) -> None:
         logger.error("error while closing the session", exc_info=exc)
 
 
-def _start_tasks(session: Any) -> list[asyncio.Task[Any]]:
-    """The tasks ``start()`` is waiting on: this session's ``_update_activity_task`` (toolset
-    setup, activity start)."""
-    code = inspect.unwrap(type(session)._update_activity_task).__code__
-    return [t for t in asyncio.all_tasks() if not t.done() and runs_code(t, code, session)]
-
-
 async def _wait_for_start(session: Any, close: BoundedClose) -> None:
     """Closing while ``start()`` holds the session lock (toolset setup, ``on_enter`` of a
     captured run): wait within the drain bound, then cancel what start() waits on."""
@@ -258,7 +249,7 @@ async def _wait_for_start(session: Any, close: BoundedClose) -> None:
         return
     start = time.monotonic()
     close.interrupted_start = True
-    close.cancel(_start_tasks(session))
+    close.cancel(start_tasks(session))
     for act in activities_of(session):
         force(close, act)
     close.record("session.start", start, "timeout", "start() still running at the drain bound")

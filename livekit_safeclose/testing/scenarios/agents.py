@@ -30,6 +30,8 @@ class Ctx:
         self.script: list[FakeReply] = []
         self.session_tools: list[Any] = []
         self.tool_finished = asyncio.Event()
+        #: the session speaks into a sink that never reports playout (a caller who hung up)
+        self.dead_sink = False
         self.extra: dict[str, Any] = {}
 
     async def park(self, how: str) -> None:
@@ -96,6 +98,12 @@ class ScenarioAgent(Agent):
             await self._ctx.session.aclose()
             self._ctx.tool_finished.set()
             return "closed"
+        if self._tool == "playout":
+            # waits until the words spoken with the tool call have played out
+            self._ctx.engaged.set()
+            await context.wait_for_playout()
+            self._ctx.tool_finished.set()
+            return "played"
         await self._ctx.park(self._tool)
         self._ctx.tool_finished.set()
         return "found it"

@@ -43,6 +43,9 @@ class Scenario:
     restart: bool = False
     #: start() is still running when the close begins
     during_start: bool = False
+    #: a task of the scenario's own outlives the close on purpose (a tool that swallows
+    #: cancellation, a tool that resumes after the close it awaited)
+    leaves_task: bool = False
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -106,6 +109,31 @@ async def _reply_engaged_when_streaming(ctx: Ctx) -> None:
     # engaged once the stalled stream is open at the "provider"
     for _ in range(200):
         if ctx.ledger.open_count("tts") or ctx.ledger.open_count("llm"):
+            break
+        await asyncio.sleep(0.01)
+    ctx.engaged.set()
+
+
+def _dead_sink(tool: str | None = None) -> Setup:
+    """The caller has hung up: the sink never reports playout. With ``tool``, the reply
+    says something *and* calls the tool."""
+
+    async def setup(ctx: Ctx) -> Agent:
+        ctx.dead_sink = True
+        if tool is not None:
+            ctx.script = [FakeReply(text="Let me check that for you.", tool_calls=[("lookup", {})])]
+        return ScenarioAgent(ctx, tool=tool or "park")
+
+    return setup
+
+
+async def _say_goodbye(ctx: Ctx) -> None:
+    """A goodbye into the dead sink: engaged once the sink took its first frames."""
+    assert ctx.session is not None
+    ctx.session.say("Thanks for calling, goodbye.")
+    sink = ctx.session.output.audio
+    for _ in range(300):
+        if getattr(sink, "frames", 0):
             break
         await asyncio.sleep(0.01)
     ctx.engaged.set()
@@ -188,6 +216,15 @@ HANG_CLASSES: tuple[_HangClass, ...] = (
                "start() holds the session lock across toolset setup; the close waits for it.",
                _toolsets("agent", hang_setup=True), None, paths=("aclose", "shutdown", "disconnect"),
                during_start=True),
+    _HangClass("dead-sink", "a reply into a caller who already hung up (the sink never plays out)",
+               "The audio sink takes the goodbye's frames but never reports playout "
+               "(livekit/agents#5497, #5359): a forced close waits for the interruption "
+               "timeout and leaves an AudioOutput.wait_for_playout task behind.",
+               _dead_sink(), _say_goodbye),
+    _HangClass("tool-waits-playout", "tool awaiting ctx.wait_for_playout() into a dead sink",
+               "The reply speaks and calls a tool that waits for that speech to play out, which "
+               "a dead sink never does.",
+               _dead_sink("playout"), _reply_calls_tool),
     # aclose() and the error close never used the stale closing task: only these two paths bite
     _HangClass("restart", "a second close after the session was shut down and restarted",
                "Upstream never resets the finished closing task, so after a restart shutdown() "
@@ -207,6 +244,7 @@ def _scenarios() -> list[Scenario]:
             hc.trigger,
             during_start=hc.during_start,
             restart=hc.restart,
+            leaves_task=hc.key == "tool-swallow",
             tags=("core",)
             if hc.key in ("tool-park", "tool-swallow", "on-exit-hang", "stt-close-hang")
             else (),
@@ -217,7 +255,12 @@ def _scenarios() -> list[Scenario]:
     out += [
         Scenario("tool-awaits-aclose", "tool that awaits session.aclose()", "aclose",
                  "An await cycle: the close waits for the tool, the tool waits for the close.",
-                 _tool_agent("aclose"), _reply_calls_tool),
+                 _tool_agent("aclose"), _reply_calls_tool, leaves_task=True),
+        Scenario("dead-sink-graceful", "graceful goodbye into a caller who already hung up", "graceful",
+                 "shutdown(drain=True) waits for the goodbye's playout, which a dead sink never "
+                 "reports: the close event never comes. With the layer it escalates at "
+                 "graceful_timeout.",
+                 _dead_sink(), _say_goodbye, tags=("graceful",)),
         Scenario("race-aclose-shutdown", "aclose() racing shutdown(drain=False), tool stuck", "aclose",
                  "Two forced closes at once must share one close and one close event.",
                  _tool_agent("park"), _reply_calls_tool, tags=("race",)),

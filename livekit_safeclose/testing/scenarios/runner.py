@@ -20,13 +20,16 @@ import livekit_safeclose as lsc
 
 from ...bounded_close import closing_of
 from .._runs import LayerForRun, cancel_since, tasks_since
-from ..fakes import FakeLLM, FakeSTT, FakeTTS, FastAudioOutput, SilenceInput
+from ..fakes import DeadAudioOutput, FakeLLM, FakeSTT, FakeTTS, FastAudioOutput, SilenceInput
 from .agents import Ctx
 from .catalogue import SCENARIOS, Scenario
 
 #: the final-transcript wait the scenarios configure (upstream default: 2 s); short so a
 #: silent fake STT does not dominate every measurement. One test keeps the default.
 TRANSCRIPT_TIMEOUT = 0.3
+
+#: the graceful bound of the scenarios' layer runs (the option's default is 30 s)
+GRACEFUL_TIMEOUT = 2.0
 
 
 @dataclass
@@ -43,10 +46,16 @@ class Outcome:
     tasks_left: int
     report: Any = None
     error: str = ""
+    #: the scenario's own task outlives the close on purpose (``Scenario.leaves_task``)
+    task_allowed: bool = False
 
     @property
     def clean(self) -> bool:
-        return self.closed and self.provider_open == 0 and self.close_events == 1 and not self.error
+        """Closed, no provider connection, one close event, nothing left running."""
+        left_ok = self.tasks_left == 0 or self.task_allowed
+        return (
+            self.closed and self.provider_open == 0 and self.close_events == 1 and not self.error and left_ok
+        )
 
 
 async def _close(ctx: Ctx, sc: Scenario) -> None:
@@ -121,7 +130,7 @@ def make_session(
         **kwargs,
     )
     session.input.audio = SilenceInput()
-    session.output.audio = FastAudioOutput()
+    session.output.audio = DeadAudioOutput() if ctx.dead_sink else FastAudioOutput()
     return session
 
 
@@ -207,18 +216,23 @@ async def run_scenario(
     patched: bool,
     drain_timeout: float = 0.5,
     close_timeout: float = 3.0,
+    graceful_timeout: float = GRACEFUL_TIMEOUT,
     limit: float | None = None,
 ) -> Outcome:
     """Run one scenario in the current event loop and report what happened.
 
     ``patched`` installs the layer for the run (and restores the previous state after);
     ``limit`` is how long to wait for the close before calling it hung (default: the
-    close bound plus one second when patched, one second on vanilla).
+    close bound, plus the graceful bound on the graceful path, plus one second when
+    patched; one second on vanilla).
     """
     sc = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
-    layer = LayerForRun(patched, drain_timeout=drain_timeout, close_timeout=close_timeout)
+    layer = LayerForRun(
+        patched, drain_timeout=drain_timeout, close_timeout=close_timeout, graceful_timeout=graceful_timeout
+    )
     if limit is None:
-        limit = close_timeout + 1.0 if patched or not sc.vanilla_hangs else 1.0
+        bound = close_timeout + (graceful_timeout if sc.path == "graceful" else 0.0)
+        limit = bound + 1.0 if patched or not sc.vanilla_hangs else 1.0
     before = set(asyncio.all_tasks())
     run = _Run(sc)
     try:
@@ -239,6 +253,7 @@ async def run_scenario(
             tasks_left=len(tasks_since(before)),
             report=lsc.last_close_report(session) if patched else None,
             error=err,
+            task_allowed=sc.leaves_task,
         )
     finally:
         run.ctx.ledger.release()
