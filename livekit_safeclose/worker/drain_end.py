@@ -293,8 +293,9 @@ async def _tell_forced(proc: Any) -> None:
 
     reason = _end.reason or bounds.FORCED_REASON_PREFIX
     try:
-        await channel.asend_message(proc._pch, proto.ShutdownRequest(reason=reason))
-    except Exception:  # the channel is closed: the process is ending on its own
+        send = channel.asend_message(proc._pch, proto.ShutdownRequest(reason=reason))
+        await asyncio.wait_for(send, timeout=bounds.PROC_EXIT_SLACK)
+    except Exception:  # the channel is closed (the process is ending on its own) or stuck
         logger.debug("could not send the forced shutdown to job process %s", proc.pid, exc_info=True)
 
 
