@@ -102,12 +102,11 @@ BOUNDED_DRAIN_END: tuple[R, ...] = (
 )
 
 #: only with force_close_on_second_signal: the CLI's exit-now handlers, whose closures tell an
-#: operator's second signal from the CLI's own blocked-loop re-signal. Optional for the part;
-#: checked when the option is on by worker.drain_end (refused by name in one WARNING, and a
-#: second signal then exits at once, as upstream).
+#: operator's second signal from the CLI's own blocked-loop re-signal. Missing, the part is
+#: refused by name and a second signal exits at once, as upstream.
 SECOND_SIGNAL: tuple[R, ...] = (
-    R("bounded_drain_end", CLI, "_force_exit", "closure", ("escalating",), optional=True),
-    R("bounded_drain_end", CLI, "_handle_exit", "closure", ("escalating", "exit_raised"), optional=True),
+    R("force_close_on_second_signal", CLI, "_force_exit", "closure", ("escalating",)),
+    R("force_close_on_second_signal", CLI, "_handle_exit", "closure", ("escalating", "exit_raised")),
 )
 
 IDLE_REPORT: tuple[R, ...] = (

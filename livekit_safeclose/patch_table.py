@@ -75,7 +75,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch(frozenset({"bounded_drain_end"}), "livekit.agents.cli.cli", "_run_worker",
           "livekit_safeclose.worker.drain_end:wrap_run_worker",
           "when the CLI's worker run returns, the exit watchdog is cancelled and the forced-end "
-          "state reset", refresh=True),
+          "state reset"),
     Patch(frozenset({"bounded_drain_end"}), "livekit.agents.ipc.supervised_proc:SupervisedProc", "aclose",
           "livekit_safeclose.worker.drain_end:wrap_proc_aclose",
           "once the drain is forced: the job is told why first, and its process killed if still "

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import patching
-from ..options import Options, in_force
+from ..options import Options
 from . import bounds, handoff, servers
 
 logger = logging.getLogger("livekit.agents.safeclose")
@@ -54,7 +54,6 @@ class _EndState:
     #: CLI worker runs in progress (their end resets the state, not the server's aclose)
     cli_runs: int = 0
     #: what this release lacks for force_close_on_second_signal (``None``: not checked)
-    second_signal_problems: list[str] | None = None
 
 
 _end = _EndState()
@@ -144,36 +143,9 @@ def announce_signal_forced_end(why: str) -> None:
 
 
 def second_signal_closes() -> bool:
-    """True when a second signal force-closes the jobs instead of exiting at once: the
-    option is on, the bounded end is applied, and this release has the CLI closures it reads.
-    Signal-safe."""
-    opts = in_force()
-    return (
-        opts is not None
-        and opts.force_close_on_second_signal
-        and _end.second_signal_problems == []
-        and "bounded_drain_end" in patching.applied_parts()
-    )
-
-
-def _check_second_signal(options: Options) -> None:
-    """With ``force_close_on_second_signal``, check the CLI closures it reads (the
-    ``SECOND_SIGNAL`` rows): refused by name in one WARNING if missing, and a second signal
-    then exits at once, as upstream."""
-    if not options.force_close_on_second_signal:
-        return
-    from .. import compat
-    from ..compat_table import SECOND_SIGNAL
-
-    problems = [p for row in SECOND_SIGNAL if (p := compat.problem(row)) is not None]
-    _end.second_signal_problems = problems
-    if problems:
-        logger.warning(
-            "livekit-safeclose: force_close_on_second_signal is not supported on livekit-agents %s (%s); "
-            "a second signal exits at once, as upstream",
-            compat.installed_version(),
-            "; ".join(problems),
-        )
+    """True when a second signal force-closes the jobs instead of exiting at once (the
+    ``force_close_on_second_signal`` part is applied). Signal-safe."""
+    return "force_close_on_second_signal" in patching.applied_parts()
 
 
 def shutdown_complete() -> None:
@@ -262,10 +234,9 @@ def wrap_server_aclose(original: Callable[..., Any], _options: Options) -> Calla
     return aclose
 
 
-def wrap_run_worker(original: Callable[..., Any], options: Options) -> Callable[..., Any]:
-    """Patch-table factory for ``livekit.agents.cli.cli._run_worker`` (remade when the options
-    change): when the CLI's worker run returns, the shutdown is complete."""
-    _check_second_signal(options)
+def wrap_run_worker(original: Callable[..., Any], _options: Options) -> Callable[..., Any]:
+    """Patch-table factory for ``livekit.agents.cli.cli._run_worker``: when the CLI's worker
+    run returns, the shutdown is complete."""
 
     @functools.wraps(original)
     def _run_worker(*args: Any, **kwargs: Any) -> Any:

@@ -86,6 +86,7 @@ def test_install_worker_patches_and_restores_exactly(clean: dict[str, Any]) -> N
         "signal_guard": True,
         "drain_availability": True,
         "bounded_drain_end": True,
+        "force_close_on_second_signal": False,  # opt-in
     }
     now = _snapshot()
     for key in WORKER_KEYS:
@@ -114,7 +115,7 @@ def test_install_worker_patches_and_restores_exactly(clean: dict[str, Any]) -> N
     lsc.uninstall()
     assert _snapshot() == clean
     assert sc.worker_installed() == dict.fromkeys(
-        ("signal_guard", "drain_availability", "bounded_drain_end"), False
+        ("signal_guard", "drain_availability", "bounded_drain_end", "force_close_on_second_signal"), False
     )
     lsc.uninstall()  # no-op
     assert _snapshot() == clean
