@@ -101,7 +101,9 @@ class Options:
         worker = [
             p
             for p in WORKER_PARTS
-            if self.worker and getattr(self, p) and (p != "force_close_on_second_signal" or self.bounded_drain_end)
+            if self.worker
+            and getattr(self, p)
+            and (p != "force_close_on_second_signal" or self.bounded_drain_end)
         ]
         return (*SESSION_PARTS, *worker)
 

@@ -73,7 +73,9 @@ def test_install_is_idempotent_and_reconfigures_losslessly() -> None:
     for row in PATCHES:  # nothing wrapped twice: a refresh row is remade around the original
         key = (row.owner, row.attribute)
         if row.refresh:
-            assert getattr(again[key], "__wrapped__", None) is getattr(patched[key], "__wrapped__", None), row.target
+            assert getattr(again[key], "__wrapped__", None) is getattr(patched[key], "__wrapped__", None), (
+                row.target
+            )
         else:
             assert again[key] is patched[key], row.target
     opts = lsc.installed_options()
