@@ -195,6 +195,10 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
             await _complete(close, activity, inner)
             return
     close.record("activity.aclose", start, *_outcome(inner))
+    if inner.cancelled() or inner.exception() is not None:
+        # a swept model's cancellation (a realtime session's aclose awaits its main task)
+        # ended upstream's body early: what it skipped is completed as for an abandoned one
+        await _complete(close, activity, inner)
 
 
 async def _complete(close: BoundedClose, activity: Any, abandoned: asyncio.Future[Any]) -> None:
