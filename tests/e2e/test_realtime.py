@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from e2e_helpers import CLOSE_TIMEOUT, DRAIN_TIMEOUT, MARGIN, VANILLA_WAIT
 from livekit import rtc
-from livekit.agents import AgentSession, llm
+from livekit.agents import llm
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
 
 import livekit_safeclose as lsc

@@ -84,7 +84,9 @@ async def test_tool_call_round_trip_and_clean_close(srv: ProviderServer) -> None
         # the tool result goes back as a chat-context update the server confirms
         ctx = rt.chat_ctx.copy()
         assert [i.type for i in ctx.items] == ["function_call"]
-        ctx.items.append(llm.FunctionCallOutput(call_id=calls[0].call_id, name="lookup", output="found", is_error=False))
+        ctx.items.append(
+            llm.FunctionCallOutput(call_id=calls[0].call_id, name="lookup", output="found", is_error=False)
+        )
         t0 = time.monotonic()
         await rt.update_chat_ctx(ctx)
         assert time.monotonic() - t0 < 1.0
@@ -107,7 +109,9 @@ async def test_held_tool_result_makes_update_chat_ctx_wait(srv: ProviderServer) 
     async with realtime(srv) as rt:
         calls, _, _ = await drain(await asyncio.wait_for(rt.generate_reply(), 5.0))
         ctx = rt.chat_ctx.copy()
-        ctx.items.append(llm.FunctionCallOutput(call_id=calls[0].call_id, name="lookup", output="x", is_error=False))
+        ctx.items.append(
+            llm.FunctionCallOutput(call_id=calls[0].call_id, name="lookup", output="x", is_error=False)
+        )
         t0 = time.monotonic()
         await rt.update_chat_ctx(ctx)
         assert 0.5 <= time.monotonic() - t0 < 2.0
