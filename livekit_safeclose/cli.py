@@ -332,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_run":
         return _run_one_inprocess(args)
     if args.command == "_run_e2e":
-        return _run_e2e_inprocess(args)
+        code = _run_e2e_inprocess(args)
+        # the child's answer is printed: skip interpreter teardown, which can wait a minute
+        # on native threads after a realtime run (the FFI audio resampler)
+        sys.stdout.flush()
+        os._exit(code)
     if args.drain_timeout > args.close_timeout:
         print("error: --drain-timeout must be <= --close-timeout", file=sys.stderr)
         return 2
