@@ -109,6 +109,7 @@ async def _closed_event(ctx: Ctx) -> None:
     if close is not None and close.task is not None:
         await asyncio.wait({close.task})
 
+
 def make_session(
     ctx: Ctx,
     vad: Any = None,
