@@ -128,6 +128,8 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
 
     scenario, _, stt_kind = args.scenario.partition("@")
     hangs = E2E_SCENARIOS[scenario].vanilla_hangs
+    if E2E_SCENARIOS[scenario].fallback is not None:
+        return _run_fallback_inprocess(args)
 
     async def main() -> dict[str, Any]:
         with ProviderServer() as server:
@@ -155,6 +157,30 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
             "error": out.error,
             "report": out.report.to_dict() if out.report is not None else None,
         }
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+    return 0
+
+
+def _run_fallback_inprocess(args: argparse.Namespace) -> int:
+    """The child side of a ``FallbackAdapter`` e2e scenario: the verdict is the failed
+    provider's connections a second after the close, and the recovery tasks left."""
+    from .testing.e2e import run_fallback_scenario
+    from .testing.standins import ProviderServer
+
+    scenario, _, stt_kind = args.scenario.partition("@")
+
+    async def main() -> dict[str, Any]:
+        with ProviderServer() as server:
+            out = await run_fallback_scenario(
+                scenario,
+                patched=args.mode == "layer",
+                server=server,
+                primary=stt_kind or "deepgram_stt",
+                drain_timeout=args.drain_timeout,
+                close_timeout=args.close_timeout,
+            )
+        return out.as_row(args.scenario)
 
     print(json.dumps(asyncio.run(main())), flush=True)
     return 0
@@ -224,7 +250,12 @@ def _check(args: argparse.Namespace) -> int:
                 if not lay.get("clean")
                 else ("fixed" if not v.get("closed") or v.get("provider_open") else "ok")
             )
-            if not esc.vanilla_hangs and lay.get("clean"):
+            if (
+                not esc.vanilla_hangs
+                and lay.get("clean")
+                and not v.get("provider_open")
+                and not v.get("tasks_left")
+            ):
                 verdict = "ok"
             return {"scenario": "e2e:" + sid, "stuck": esc.stuck, "path": "aclose", "vanilla": v, "layer": lay,
                     "verdict": verdict}  # fmt: skip

@@ -47,13 +47,17 @@ class _Recovery:
 _recoveries: dict[asyncio.Task[Any], _Recovery] = {}
 
 
-def _status_tasks(stream: Any) -> set[asyncio.Task[Any]]:
-    """Every task in the adapter's per-provider status slots (their names vary by release)."""
-    adapter = getattr(stream, "_fallback_adapter", None)
+def recovery_tasks(adapter: Any) -> set[asyncio.Task[Any]]:
+    """Every task in a ``FallbackAdapter``'s per-provider status slots (their names vary by
+    release), done or not."""
     out: set[asyncio.Task[Any]] = set()
     for status in getattr(adapter, "_status", None) or ():
         out.update(v for v in getattr(status, "__dict__", {}).values() if isinstance(v, asyncio.Task))
     return out
+
+
+def _status_tasks(stream: Any) -> set[asyncio.Task[Any]]:
+    return recovery_tasks(getattr(stream, "_fallback_adapter", None))
 
 
 def _closing(session: Any) -> bool:

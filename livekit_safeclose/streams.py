@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import stacks
-from .ownership import objects_of, running_sessions
+from .ownership import noted_sessions, objects_of
 
 #: the stream base classes the ledger wraps, and the kind each counts as
 KINDS: dict[str, str] = {
@@ -128,7 +128,7 @@ def session_of(stream: Any) -> Any:
     if entry is None:
         return None
     if entry.session is None and entry.creator is not None:
-        for session in running_sessions():
+        for session in noted_sessions():
             _attribute(session)
             if entry.session is not None:
                 break
