@@ -117,7 +117,8 @@ async def finish(session: Any, close: BoundedClose) -> None:
     held = [e for e in streams_mod.streams_of(session) if not e.task.done()]
     providers = sorted({_recoveries[t].provider for t in tasks if t in _recoveries})
     live = close.cancel(tasks)
-    await asyncio.wait(live, timeout=close.left(close.grace()))
+    if live:
+        await asyncio.wait(live, timeout=close.left(close.grace()))
     stuck = close.mark_zombies([t for t in live if not t.done()])
     close.note_closed_by_force([e.label for e in held if e.task.done()])
     detail = ", ".join(providers) + (f"; {len(stuck)} did not end" if stuck else "")

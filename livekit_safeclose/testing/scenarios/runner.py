@@ -19,7 +19,7 @@ from livekit.agents.voice.events import CloseReason
 import livekit_safeclose as lsc
 
 from ...bounded_close import closing_of
-from .._runs import LayerForRun, cancel_since, tasks_since
+from .._runs import LayerForRun, cancel_since, close_ended, tasks_since
 from ..fakes import DeadAudioOutput, FakeLLM, FakeSTT, FakeTTS, FastAudioOutput, SilenceInput
 from .agents import Ctx
 from .catalogue import SCENARIOS, Scenario
@@ -241,6 +241,10 @@ async def run_scenario(
         ms, closed, err = await _timed_close(run, limit)
         if run.starter is not None:
             await asyncio.wait({run.starter}, timeout=0.5)
+        # the layer's close task ends a few loop turns after the close event (its report)
+        ended = asyncio.ensure_future(close_ended(session))
+        await asyncio.wait({ended}, timeout=0.5)
+        ended.cancel()
         await asyncio.sleep(0)
         return Outcome(
             scenario=sc.id,
