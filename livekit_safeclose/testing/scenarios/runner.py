@@ -19,7 +19,7 @@ from livekit.agents.voice.events import CloseReason
 import livekit_safeclose as lsc
 
 from ...bounded_close import closing_of
-from .._runs import LayerForRun, cancel_since, close_ended, tasks_since
+from .._runs import LayerForRun, cancel_since, tasks_since
 from ..fakes import DeadAudioOutput, FakeLLM, FakeSTT, FakeTTS, FastAudioOutput, SilenceInput
 from .agents import Ctx
 from .catalogue import SCENARIOS, Scenario
@@ -89,26 +89,25 @@ async def _close(ctx: Ctx, sc: Scenario) -> None:
 
 
 async def _closed_event(ctx: Ctx) -> None:
-    """The end of the close a ``_close_soon`` path started: its close event, or (a session
-    whose start() never finished emits none) its closing task; then that task's end. A
-    closing task that was already done is a stale one (upstream never resets it)."""
-    assert ctx.session is not None
-    close = closing_of(ctx.session, live_only=False)
-    task = close.task if close is not None else ctx.session._closing_task
-    live = task is not None and not task.done()
+    """The end of the close a ``_close_soon`` path started: its close event (or, on vanilla,
+    the end of upstream's closing task, if that comes first), then the end of the layer's
+    close, whose report is published a moment after the event. A closing task that was
+    already done is a stale one (upstream never resets it)."""
+    session = ctx.session
+    assert session is not None
+    task = session._closing_task
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(ctx.extra["closed"].wait())}
-    if live:
-        assert task is not None
+    if task is not None and not task.done():
         waiters.add(task)
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if live:
-            assert task is not None
-            await asyncio.wait({task})
     finally:
         for w in waiters:
             if w is not task:
                 w.cancel()
+    close = closing_of(session, live_only=False)
+    if close is not None and close.task is not None:
+        await asyncio.wait({close.task})
 
 
 def make_session(
@@ -241,10 +240,6 @@ async def run_scenario(
         ms, closed, err = await _timed_close(run, limit)
         if run.starter is not None:
             await asyncio.wait({run.starter}, timeout=0.5)
-        # the layer's close task ends a few loop turns after the close event (its report)
-        ended = asyncio.ensure_future(close_ended(session))
-        await asyncio.wait({ended}, timeout=0.5)
-        ended.cancel()
         await asyncio.sleep(0)
         return Outcome(
             scenario=sc.id,
