@@ -299,7 +299,8 @@ def _check(args: argparse.Namespace) -> int:
     else:
         print(_table(rows))
         fixed = sum(r["verdict"] == "fixed" for r in rows)
-        print(f"\n{fixed} scenario(s) hang on vanilla and close with the layer; "
+        print(f"\n{fixed} scenario(s) hang (or leave a provider connection open) on vanilla and "
+              "close cleanly with the layer; "
               f"{sum(r['verdict'] == 'FAIL' for r in rows)} fail with the layer.")  # fmt: skip
     return 0 if ok else 1
 
