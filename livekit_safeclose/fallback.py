@@ -30,6 +30,7 @@ from typing import Any
 
 from . import streams as streams_mod
 from .bounded_close import BoundedClose, closing_of
+from .report import logger
 
 
 @dataclass
@@ -81,7 +82,11 @@ def wrap_try_recovery(original: Callable[..., Any], _options: Any) -> Callable[.
 
     @functools.wraps(original)
     def _try_recovery(self: Any, *args: Any, **kwargs: Any) -> Any:
-        session = streams_mod.session_of(self)
+        try:
+            session = streams_mod.session_of(self)
+        except Exception:  # the bookkeeping must never break upstream's failover
+            logger.debug("fallback: could not attribute %r", self, exc_info=True)
+            session = None
         if session is None:
             return original(self, *args, **kwargs)
         provider = args[0] if args else next(iter(kwargs.values()), None)
