@@ -354,6 +354,12 @@ class BoundedClose:
         self.record("streams.sweep", start, outcome, f"{len(closed)}/{len(leftover)} stopped")
         self.forced = True
 
+    def note_closed_by_force(self, labels: list[str]) -> None:
+        """Streams a feature's finisher stopped (the ledger's labels)."""
+        if labels:
+            self._swept.extend(labels)
+            self.forced = True
+
     def note_streams_left_open(self, session: Any) -> None:
         for e in streams_mod.streams_of(session):
             if not e.task.done():

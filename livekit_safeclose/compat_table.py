@@ -56,6 +56,22 @@ CORE: tuple[R, ...] = (
     R("core", "livekit.agents.beta.tools.end_call:EndCallTool", "_end_call", "method", optional=True),
 )
 
+STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
+TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"
+
+#: ``livekit_safeclose.fallback``: patched in every release since 1.5.0; the status slots
+#: are read generically (their names changed in 1.6.9), a missing one narrows what is seen
+FALLBACK: tuple[R, ...] = (
+    R("core", f"{STT_FALLBACK}:FallbackRecognizeStream", "_try_recovery", "method"),
+    R("core", f"{TTS_FALLBACK}:FallbackSynthesizeStream", "_try_recovery", "method"),
+    R("core", f"{TTS_FALLBACK}:FallbackChunkedStream", "_try_recovery", "method"),
+    R("core", f"{STT_FALLBACK}:FallbackRecognizeStream", "_fallback_adapter", "init_attr", optional=True),
+    R("core", f"{TTS_FALLBACK}:FallbackSynthesizeStream", "_fallback_adapter", "init_attr", optional=True),
+    R("core", f"{TTS_FALLBACK}:FallbackChunkedStream", "_fallback_adapter", "init_attr", optional=True),
+    R("core", f"{STT_FALLBACK}:FallbackAdapter", "_status", "init_attr", optional=True),
+    R("core", f"{TTS_FALLBACK}:FallbackAdapter", "_status", "init_attr", optional=True),
+)
+
 STREAM_LEDGER: tuple[R, ...] = (
     R("stream_ledger", "livekit.agents.stt:RecognizeStream", "_task", "init_attr"),
     R("stream_ledger", "livekit.agents.tts:SynthesizeStream", "_task", "init_attr"),
@@ -126,5 +142,12 @@ IDLE_REPORT: tuple[R, ...] = (
 )
 
 REQUIREMENTS: tuple[R, ...] = (
-    CORE + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + SECOND_SIGNAL + IDLE_REPORT
+    CORE
+    + FALLBACK
+    + STREAM_LEDGER
+    + SIGNAL_GUARD
+    + DRAIN_AVAILABILITY
+    + BOUNDED_DRAIN_END
+    + SECOND_SIGNAL
+    + IDLE_REPORT
 )

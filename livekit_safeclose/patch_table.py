@@ -13,6 +13,8 @@ from .patching import Patch
 
 SESSION = "livekit.agents.voice.agent_session:AgentSession"
 ACTIVITY = "livekit.agents.voice.agent_activity:AgentActivity"
+STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
+TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"
 
 CORE: frozenset[Part] = frozenset({"core"})
 LEDGER: frozenset[Part] = frozenset({"stream_ledger"})
@@ -45,6 +47,17 @@ PATCHES: tuple[Patch, ...] = (
           "livekit_safeclose.end_call:wrap_end_call",
           "a goodbye that does not finish within graceful_timeout closes the session by force",
           if_present=True),
+    # -- FallbackAdapter recovery (livekit_safeclose.fallback) ----------------------------
+    Patch(CORE, STT_FALLBACK + ":FallbackRecognizeStream", "_try_recovery",
+          "livekit_safeclose.fallback:wrap_try_recovery",
+          "the recovery stream is noted with the stream's session (cancelled when it closes); "
+          "none is started while it closes"),
+    Patch(CORE, TTS_FALLBACK + ":FallbackSynthesizeStream", "_try_recovery",
+          "livekit_safeclose.fallback:wrap_try_recovery",
+          "the probe is noted with the stream's session (cancelled when it closes); none is "
+          "started while it closes (the stream's finally would start one)"),
+    Patch(CORE, TTS_FALLBACK + ":FallbackChunkedStream", "_try_recovery",
+          "livekit_safeclose.fallback:wrap_try_recovery", "same"),
     # -- worker lifecycle (livekit_safeclose.worker) ------------------------------------
     # the signal.signal tap is how every worker part sees the CLI's handler and the signal
     Patch(frozenset({"signal_guard", "drain_availability", "bounded_drain_end"}), "signal", "signal",

@@ -13,8 +13,10 @@ the streams of *its* session that are still open and stops them.
 Attribution is lazy: a stream made inside a speech task (TTS, LLM) knows its session from
 upstream's activity context variable at once; one made elsewhere (the STT stream, opened by
 the recognition pump) only remembers the task that made it, and is matched to a session by
-that task's await chain when someone asks for the session's streams. Creation never walks
-frames.
+that task's await chain when someone asks for the session's streams. A stream made by
+another stream's main task (a ``FallbackAdapter``'s inner and recovery streams) works for
+that stream's session, and is given it at creation: by then the STT pump that made the
+outer stream may be gone. Only that rare case walks frames at creation.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import stacks
-from .ownership import objects_of
+from .ownership import noted_sessions, objects_of
 
 #: the stream base classes the ledger wraps, and the kind each counts as
 KINDS: dict[str, str] = {
@@ -91,7 +93,10 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
     if task is None or task.done():
         return
     owner = session if session is not None else _speech_session()
-    _track(stream, kind, task, owner, asyncio.current_task() if owner is None else None)
+    current = asyncio.current_task()
+    if owner is None and current is not None:
+        owner = _parent_session(current)
+    _track(stream, kind, task, owner, current if owner is None else None)
 
 
 def _track(
@@ -114,6 +119,33 @@ def _track(
             del _open[key]
 
     task.add_done_callback(_closed)
+
+
+def _parent_session(task: asyncio.Task[Any]) -> Any:
+    """The session of the open stream whose main task is ``task``, if any."""
+    for entry in list(_open.values()):
+        if entry.task is task:
+            return session_of(entry.stream)
+    return None
+
+
+def entry_of(obj: Any) -> OpenStream | None:
+    """The ledger's entry for ``obj`` while it is an open stream, else None."""
+    entry = _open.get(id(obj))
+    return entry if entry is not None and entry.stream is obj else None
+
+
+def session_of(stream: Any) -> Any:
+    """The session the open ``stream`` works for (matched now if it was not yet), or None."""
+    entry = entry_of(stream)
+    if entry is None:
+        return None
+    if entry.session is None:
+        for session in noted_sessions():
+            _attribute(session)
+            if entry.session is not None:
+                break
+    return entry.session
 
 
 def _attribute(session: Any) -> None:

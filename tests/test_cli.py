@@ -78,6 +78,25 @@ def test_check_e2e_reports_the_provider_side_count() -> None:
     assert row["layer"]["server_clean_closes"]["deepgram_stt"] == 1
 
 
+@pytest.mark.timeout(120)
+def test_check_e2e_runs_the_fallback_recovery_case() -> None:
+    """A FallbackAdapter row: vanilla closes but leaves the recovery stream open at the
+    provider that failed once; the layer leaves neither a connection nor a task."""
+    proc = subprocess.run(
+        [*CMD, "check", "--e2e", "--only", "stt-fallback-recovery@deepgram_stt", "--json"],
+        capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)["scenarios"]
+    assert row["scenario"] == "e2e:stt-fallback-recovery@deepgram_stt" and row["verdict"] == "fixed"
+    assert (
+        row["vanilla"]["closed"]
+        and row["vanilla"]["provider_open"] == 1
+        and row["vanilla"]["tasks_left"] == 1
+    )
+    assert row["layer"]["provider_open"] == 0 and row["layer"]["tasks_left"] == 0 and row["layer"]["clean"]
+
+
 def test_e2e_ids_are_derived_from_the_catalogue() -> None:
     from livekit_safeclose import cli
     from livekit_safeclose.testing.e2e import E2E_SCENARIOS
@@ -87,6 +106,10 @@ def test_e2e_ids_are_derived_from_the_catalogue() -> None:
     assert e2e_ids == derived
     assert "tts-stall-reply@inference_stt" in e2e_ids
     assert {"tool-stuck@inference_stt", "tool-stuck@deepgram_stt"} <= set(e2e_ids)
+    assert {"stt-fallback-recovery@deepgram_stt", "stt-fallback-recovery@inference_stt"} <= set(e2e_ids)
+    assert {"tts-fallback-probe-on-close@inference_stt", "tts-fallback-probe-in-flight@inference_stt"} <= set(
+        e2e_ids
+    )
 
 
 def _no_scenario_may_run(*_args: object, **_kwargs: object) -> dict[str, object]:

@@ -8,8 +8,9 @@ TTS plugin, all talking to a
 view: how many STT connections the *server* still holds after the close returned.
 
 Entry points: :func:`run_e2e_scenario` (one scenario, layer or vanilla, returns an
-:class:`E2EOutcome`) and :func:`run_churn` (many sessions against a concurrent-connection
-quota). The building blocks (:class:`ScriptedAudioInput`, :func:`make_models`,
+:class:`E2EOutcome`), :func:`run_fallback_scenario` (a ``FallbackAdapter`` scenario,
+returns a :class:`FallbackOutcome`) and :func:`run_churn` (many sessions against a
+concurrent-connection quota). The building blocks (:class:`ScriptedAudioInput`, :func:`make_models`,
 :func:`make_e2e_session`) are public for tests that need a custom flow.
 """
 
@@ -20,6 +21,7 @@ from .agents import E2EAgent, E2EContext
 from .audio import ScriptedAudioInput
 from .catalogue import E2E_IDS, E2E_SCENARIOS, E2EScenario
 from .churn import ChurnOutcome, run_churn
+from .fallback import FallbackOutcome, make_stt_fallback, refuse_until_unavailable, run_fallback_scenario
 from .models import E2E_CONN_OPTIONS, E2EModels, STTKind, make_e2e_session, make_models
 from .runner import E2EOutcome, run_e2e_scenario
 
@@ -33,11 +35,15 @@ __all__ = [
     "E2EModels",
     "E2EOutcome",
     "E2EScenario",
+    "FallbackOutcome",
     "STTKind",
     "ScriptedAudioInput",
     "load_vad",
     "make_e2e_session",
     "make_models",
+    "make_stt_fallback",
+    "refuse_until_unavailable",
     "run_churn",
     "run_e2e_scenario",
+    "run_fallback_scenario",
 ]

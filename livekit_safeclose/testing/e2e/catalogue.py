@@ -15,6 +15,8 @@ from .models import STTKind
 Trigger = Literal["voice", "text", "none"]
 #: how the session is closed: ``aclose()``, or what room io does when the caller hangs up
 Path = Literal["aclose", "disconnect"]
+#: a ``FallbackAdapter`` case (run by :func:`~.fallback.run_fallback_scenario`)
+FallbackCase = Literal["stt_recovery", "tts_probe_on_close", "tts_probe_in_flight"]
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,14 @@ class E2EScenario:
     (``"tool"``: the tool was entered; ``"llm_open"``: the LLM request is held open;
     ``"llm_done"``: the LLM answered in full, so the reply text is in the TTS stream).
     ``vanilla_hangs``: whether unpatched livekit-agents is expected to hang on it.
-    ``stt_kinds``: the STT plugins ``livekit-safeclose check --e2e`` runs it with.
+    ``stt_kinds``: the STT plugins ``livekit-safeclose check --e2e`` runs it with (for
+    ``fallback="stt_recovery"``: the one refused once, the other serving).
     ``realtime``: the LLM is the OpenAI Realtime model (``script`` then scripts its
     responses); ``stall_mode``: how the stalled kind stalls; ``item_delay``: the Realtime
     stand-in holds its confirmation of a tool result this long; ``path``: how the session is
-    closed (``"disconnect"``: the caller hangs up, audio stops, close-on-disconnect)."""
+    closed (``"disconnect"``: the caller hangs up, audio stops, close-on-disconnect).
+    ``fallback``: a ``FallbackAdapter`` scenario, whose verdict is the failed provider's
+    connections a second after the close (see :mod:`.fallback`)."""
 
     id: str
     stuck: str
@@ -48,6 +53,7 @@ class E2EScenario:
     stall_mode: StallMode = "never_answer"
     item_delay: float = 0.0
     path: Path = "aclose"
+    fallback: FallbackCase | None = None
 
 
 _TOOL_CALL = (LLMReply(tool_calls=[("lookup", {})]),)
@@ -170,6 +176,34 @@ E2E_SCENARIOS: dict[str, E2EScenario] = {
             engaged="llm_done",
             stall=("inference_tts", "before_start"),
             vanilla_hangs=False,
+        ),
+        # FallbackAdapter recovery: vanilla closes promptly and leaves the recovery running
+        E2EScenario(
+            "stt-fallback-recovery",
+            "FallbackAdapter recovery stream to the STT provider that was refused once",
+            "The primary STT is refused once, then back; its recovery stream (fed the caller's "
+            "silence, waiting for a final transcript) is open when the session closes. Only "
+            "FallbackAdapter.aclose() cancels it; the Deepgram plugin keeps it alive.",
+            vanilla_hangs=False,
+            stt_kinds=("deepgram_stt", "inference_stt"),
+            fallback="stt_recovery",
+        ),
+        E2EScenario(
+            "tts-fallback-probe-on-close",
+            "FallbackAdapter TTS probe started by the close itself",
+            "The primary TTS was refused during the first reply, then back; the second reply is "
+            "streaming when the session closes, and the stream's finally starts a probe: a new "
+            "request to the provider after the close, its socket pooled.",
+            vanilla_hangs=False,
+            fallback="tts_probe_on_close",
+        ),
+        E2EScenario(
+            "tts-fallback-probe-in-flight",
+            "FallbackAdapter TTS probe still connecting to a hung provider",
+            "The primary TTS was refused, then hangs; the first reply's probe is still connecting "
+            "when the session closes, and keeps connecting until its timeout.",
+            vanilla_hangs=False,
+            fallback="tts_probe_in_flight",
         ),
     ]
 }

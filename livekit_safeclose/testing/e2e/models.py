@@ -52,6 +52,30 @@ class E2EModels:
             await asyncio.wait_for(self.http.close(), timeout)
 
 
+def make_stt(server: ProviderServer, kind: STTKind, http: aiohttp.ClientSession) -> stt.STT[Any]:
+    """The real STT plugin of ``kind`` (Inference or Deepgram) against ``server``."""
+    if kind == "inference_stt":
+        return inference.STT(
+            model="deepgram/nova-3",
+            base_url=server.inference_url,
+            http_session=http,
+            **server.inference_credentials(),
+        )
+    from livekit.plugins import deepgram
+
+    return deepgram.STT(base_url=server.deepgram_url, api_key=server.provider_api_key, http_session=http)
+
+
+def make_tts(server: ProviderServer, http: aiohttp.ClientSession) -> tts.TTS[Any]:
+    """The real Inference TTS plugin against ``server``."""
+    return inference.TTS(
+        model="cartesia/sonic-3",
+        base_url=server.inference_url,
+        http_session=http,
+        **server.inference_credentials(),
+    )
+
+
 def make_models(
     server: ProviderServer, stt_kind: STTKind = "inference_stt", *, realtime: bool = False
 ) -> E2EModels:
@@ -59,18 +83,6 @@ def make_models(
     with ``E2E_CONN_OPTIONS``) and Inference TTS against ``server``, sharing one fresh
     aiohttp session (no job context needed). Call inside a running loop."""
     http = aiohttp.ClientSession()
-    creds = server.inference_credentials()
-    model_stt: stt.STT[Any]
-    if stt_kind == "inference_stt":
-        model_stt = inference.STT(
-            model="deepgram/nova-3", base_url=server.inference_url, http_session=http, **creds
-        )
-    else:
-        from livekit.plugins import deepgram
-
-        model_stt = deepgram.STT(
-            base_url=server.deepgram_url, api_key=server.provider_api_key, http_session=http
-        )
     from livekit.plugins import openai
 
     if realtime:
@@ -86,11 +98,9 @@ def make_models(
         else openai.LLM(model="gpt-4o-mini", base_url=server.openai_url, api_key=server.provider_api_key)
     )
     return E2EModels(
-        stt=model_stt,
+        stt=make_stt(server, stt_kind, http),
         llm=model_llm,
-        tts=inference.TTS(
-            model="cartesia/sonic-3", base_url=server.inference_url, http_session=http, **creds
-        ),
+        tts=make_tts(server, http),
         http=http,
         stt_kind=stt_kind,
     )

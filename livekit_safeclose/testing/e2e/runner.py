@@ -356,6 +356,8 @@ async def run_e2e_scenario(
     Whatever the outcome, the stuck tool/hook is released and the session's leftovers are
     cancelled before returning (bounded)."""
     sc = E2E_SCENARIOS[name] if isinstance(name, str) else name
+    if sc.fallback is not None:
+        raise ValueError(f"{sc.id} is a FallbackAdapter scenario: use run_fallback_scenario")
     if limit is None:
         limit = close_timeout + 1.0 if patched or not sc.vanilla_hangs else 1.0
     if observe is None:

@@ -119,6 +119,10 @@ class ConnectionLedger:
             conn.is_open = True
             return True
 
+    def count_rejected(self, conn: Conn) -> None:
+        with self._lock:
+            self._counts[conn.kind].rejected += 1
+
     def mark_open(self, conn: Conn) -> None:
         with self._lock:
             self._counts[conn.kind].open += 1

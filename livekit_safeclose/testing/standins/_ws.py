@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     Websocket: TypeAlias = web.WebSocketResponse[bool]
 
 __all__ = [
+    "OUTAGE_MESSAGE",
     "QUOTA_ERROR_CODE",
     "QUOTA_ERROR_MESSAGE",
     "MessageHooks",
@@ -45,6 +46,7 @@ __all__ = [
 
 QUOTA_ERROR_CODE: Final = 429
 QUOTA_ERROR_MESSAGE: Final = "concurrent session quota exceeded"
+OUTAGE_MESSAGE: Final = "service unavailable"
 
 
 async def send_json(ws: Websocket, payload: dict[str, Any]) -> bool:
@@ -139,12 +141,16 @@ async def idle_watchdog(server: ProviderServer, conn: Conn, on_idle: Callable[[]
 
 
 async def open_websocket(server: ProviderServer, conn: Conn, request: web.Request) -> web.StreamResponse:
-    """The gate every websocket kind passes: stall(no_handshake) -> quota -> upgrade.
+    """The gate every websocket kind passes: outage -> stall(no_handshake) -> quota -> upgrade.
 
     Returns the prepared websocket, or the HTTP response to answer with instead.
     An "error_frame" quota refusal upgrades and sets `conn.server_closed`, so the
     protocol refuses in-band.
     """
+    if conn.kind in server.refuse_kinds:
+        conn.ledger.count_rejected(conn)
+        conn.log("rejected:outage")
+        return web.json_response({"error": OUTAGE_MESSAGE}, status=503, reason="Service Unavailable")
     if server._stall_for(conn.kind) == "no_handshake":
         conn.ledger.mark_open(conn)
         conn.log("stall:no_handshake")

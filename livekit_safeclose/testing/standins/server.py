@@ -65,7 +65,7 @@ class ProviderServer:
         close frame (inference TTS, whose protocol has no goodbye message and whose
         pooled sockets are closed with a bare close frame), a completed stream
         (LLM, `[DONE]` written), a client close frame (OpenAI Realtime).
-      * rejected: quota refusals (either mode).
+      * rejected: quota refusals (either mode) and outage refusals (`refuse_kinds`).
 
     Switches (plain attributes, thread-safe to assign at any time):
       * idle_close_after: STT connections that have received no audio for this many
@@ -78,6 +78,9 @@ class ProviderServer:
         "http429" refuses the upgrade with HTTP 429; "error_frame" upgrades, sends an
         error (inference: `{"type": "error", "code": 429, ...}`; Deepgram: a JSON
         `{"type": "Error", ...}`), then closes (Deepgram: close code 1008).
+      * refuse_kinds: a provider outage: every websocket upgrade of these kinds is
+        answered with HTTP 503 (counted in `rejected`, logged `rejected:outage`). Empty by
+        default; flip it back mid-test to let the provider come back.
       * stall / stall_kinds: "no_handshake" holds the HTTP request without ever
         answering (no upgrade, no LLM response headers); "never_answer" completes the
         upgrade (LLM: sends 200 + SSE headers) and then sends no application message.
@@ -123,6 +126,7 @@ class ProviderServer:
         self.idle_close_after: float | None = None
         self.stt_quota: int | None = None
         self.quota_mode: QuotaMode = "http429"
+        self.refuse_kinds: frozenset[Kind] = frozenset()
         self.stall: StallMode | None = None
         self.stall_kinds: frozenset[Kind] | None = None
         self.slow_close: float = 0.0
