@@ -56,6 +56,17 @@ CORE: tuple[R, ...] = (
     R("core", "livekit.agents.beta.tools.end_call:EndCallTool", "_end_call", "method", optional=True),
 )
 
+MCP = "livekit.agents.llm.mcp:MCPServer"
+#: optional: the `mcp` extra may not be installed (then no session holds an MCP server)
+TOOLSETS: tuple[R, ...] = (
+    R("core", MCP, "aclose", "method", optional=True),
+    R("core", MCP, "_client_task", "init_attr", optional=True),
+    R("core", "livekit.agents.llm.mcp:MCPToolset", "_mcp_server", "init_attr", optional=True),
+    R("core", "livekit.agents.llm.async_toolset:AsyncToolset", "_executor", "init_attr", optional=True),
+    R("core", ACTIVITY, "_mcp_tools", "init_attr", optional=True),
+    R("core", "mcp.client.stdio", "_create_platform_compatible_process", "attr", optional=True),
+)
+
 STREAM_LEDGER: tuple[R, ...] = (
     R("stream_ledger", "livekit.agents.stt:RecognizeStream", "_task", "init_attr"),
     R("stream_ledger", "livekit.agents.tts:SynthesizeStream", "_task", "init_attr"),
@@ -110,5 +121,5 @@ IDLE_REPORT: tuple[R, ...] = (
 )
 
 REQUIREMENTS: tuple[R, ...] = (
-    CORE + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + IDLE_REPORT
+    CORE + TOOLSETS + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + IDLE_REPORT
 )

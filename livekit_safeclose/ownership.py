@@ -21,6 +21,11 @@ def note_started(session: Any) -> None:
     _started_sessions.add(session)
 
 
+def noted_sessions() -> list[Any]:
+    """Every session noted as started that is still alive (closing and closed ones too)."""
+    return list(_started_sessions)
+
+
 def running_sessions() -> list[Any]:
     """The sessions that are started now."""
     return [s for s in list(_started_sessions) if s._started]

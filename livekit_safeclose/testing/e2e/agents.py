@@ -23,10 +23,18 @@ class E2EContext:
 
 class E2EAgent(Agent):
     """``lookup`` parks until released (``tool="park"``) or answers; ``on_exit`` parks,
-    says a goodbye through the TTS (``"say"``) or asks the LLM for one (``"reply"``)."""
+    says a goodbye through the TTS (``"say"``) or asks the LLM for one (``"reply"``);
+    ``tools``: more tools (an ``MCPToolset``)."""
 
-    def __init__(self, ctx: E2EContext, *, tool: ToolMode = "ok", on_exit: ExitMode = "none") -> None:
-        super().__init__(instructions="You are a test agent. Use lookup when asked.")
+    def __init__(
+        self,
+        ctx: E2EContext,
+        *,
+        tool: ToolMode = "ok",
+        on_exit: ExitMode = "none",
+        tools: list[Any] | None = None,
+    ) -> None:
+        super().__init__(instructions="You are a test agent. Use lookup when asked.", tools=tools or [])
         self._ctx, self._tool, self._exit = ctx, tool, on_exit
 
     @function_tool

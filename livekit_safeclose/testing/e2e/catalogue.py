@@ -6,8 +6,9 @@ derived from it so a new scenario cannot be left out of the CLI.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from ..mcp import HANG_TOOL, MCPTransport
 from ..standins import Kind, LLMReply
 from .agents import ExitMode, ToolMode
 from .models import STTKind
@@ -25,7 +26,11 @@ class E2EScenario:
     (``"tool"``: the tool was entered; ``"llm_open"``: the LLM request is held open;
     ``"llm_done"``: the LLM answered in full, so the reply text is in the TTS stream).
     ``vanilla_hangs``: whether unpatched livekit-agents is expected to hang on it.
-    ``stt_kinds``: the STT plugins ``livekit-safeclose check --e2e`` runs it with."""
+    ``stt_kinds``: the STT plugins ``livekit-safeclose check --e2e`` runs it with.
+    ``mcp``: the agent (``mcp_scope="agent"``) or the session carries an ``MCPToolset`` on a
+    real MCP stand-in of that transport; ``mcp_stubborn``: its shutdown is ignored;
+    ``engaged="mcp_call"``: the MCP server received the tool call. ``path``: ``aclose()`` or
+    ``shutdown(drain=False)``."""
 
     id: str
     stuck: str
@@ -34,14 +39,50 @@ class E2EScenario:
     on_exit: ExitMode = "none"
     script: tuple[LLMReply, ...] = ()
     trigger: Trigger = "none"
-    engaged: Literal["start", "tool", "llm_open", "llm_done"] = "start"
+    engaged: Literal["start", "tool", "llm_open", "llm_done", "mcp_call"] = "start"
     stall: tuple[Kind, Literal["before_start", "before_trigger"]] | None = None
     vanilla_hangs: bool = True
     stt_kinds: tuple[STTKind, ...] = ("inference_stt",)
+    mcp: MCPTransport | None = None
+    mcp_stubborn: bool = False
+    mcp_scope: Literal["agent", "session"] = "agent"
+    path: Literal["aclose", "shutdown"] = "aclose"
 
 
 _TOOL_CALL = (LLMReply(tool_calls=[("lookup", {})]),)
 _LONG_TEXT = (LLMReply(text="Here is a long answer that takes a while to say out loud."),)
+_MCP_CALL = (LLMReply(tool_calls=[(HANG_TOOL, {})]),)
+
+
+def _mcp_hang(t: MCPTransport, suffix: str, stuck: str, description: str, **kw: Any) -> E2EScenario:
+    return E2EScenario(
+        f"mcp-{t}-hang{suffix}", f"{t} MCP tool call never answers{stuck}", description,
+        script=_MCP_CALL, trigger="text", engaged="mcp_call", mcp=t, **kw,
+    )  # fmt: skip
+
+
+def _mcp_scenarios() -> list[E2EScenario]:
+    """Real MCP servers (livekit/agents#5212): per transport, a tool call that never answers
+    closed by ``aclose()`` and by ``shutdown(drain=False)`` (and with the toolset on the
+    session), and a healthy session whose server ignores its shutdown."""
+    out: list[E2EScenario] = []
+    transports: tuple[MCPTransport, ...] = ("stdio", "http")
+    for t in transports:
+        out += [
+            _mcp_hang(t, "", " (aclose)",
+                      "The LLM calls an MCP tool whose server never answers; the toolset's own "
+                      "executor holds the call, and MCPToolset.aclose() drains it first."),
+            _mcp_hang(t, "-shutdown", " (shutdown)", "As above, closed by shutdown(drain=False).",
+                      path="shutdown"),
+            _mcp_hang(t, "-session", ", session toolset",
+                      "As above, with the MCPToolset on the session (closed after the activity).",
+                      mcp_scope="session"),
+            E2EScenario(f"mcp-{t}-stubborn", f"{t} MCP server ignores its shutdown (healthy close)",
+                        "Nothing is stuck; the server ignores its shutdown (stdio: stdin EOF and "
+                        "SIGTERM; HTTP: the session DELETE is never answered).", mcp=t, mcp_stubborn=True),
+        ]  # fmt: skip
+    return out
+
 
 E2E_SCENARIOS: dict[str, E2EScenario] = {
     s.id: s
@@ -101,6 +142,7 @@ E2E_SCENARIOS: dict[str, E2EScenario] = {
             stall=("inference_tts", "before_start"),
             vanilla_hangs=False,
         ),
+        *_mcp_scenarios(),
     ]
 }
 

@@ -17,12 +17,17 @@ from livekit.agents import AgentSession
 
 import livekit_safeclose as lsc
 
+from ...bounded_close import closing_of
+from ...ownership import activities_of, objects_of
 from .._runs import LayerForRun, cancel_since
+from ..mcp import MCPStandin
 from ..standins import KINDS, ProviderServer
+from . import mcp as mcp_side
 from ._server import POLL, SERVER_GRACE, counts, wait_until
 from .agents import E2EAgent, E2EContext
 from .audio import ScriptedAudioInput
 from .catalogue import E2E_SCENARIOS, E2EScenario, Trigger
+from .mcp import MCPSeen
 from .models import E2EModels, STTKind, make_e2e_session, make_models
 
 
@@ -38,7 +43,8 @@ class E2EOutcome:
     until ``limit``); ``stt_reconnects_after_close``: opened after it returned (or after
     ``limit``), within the observation window.
     ``clean_closes``: per kind, connections that ended with a provider goodbye during the
-    run (``session.close``, ``CloseStream``, a client close frame for TTS, ``[DONE]``)."""
+    run (``session.close``, ``CloseStream``, a client close frame for TTS, ``[DONE]``).
+    ``mcp``: for a scenario with an MCP server, what it and the loop showed after the close."""
 
     scenario: str
     stt: STTKind
@@ -61,6 +67,7 @@ class E2EOutcome:
     report: Any = None
     error: str = ""
     events: dict[str, list[str]] = field(default_factory=dict)
+    mcp: MCPSeen | None = None
 
     @property
     def released(self) -> bool:
@@ -75,6 +82,7 @@ class E2EOutcome:
             f"at_close={self.stt_open_at_close} after={self.stt_open_after} zero_ms={self.stt_zero_ms} "
             f"reconnects during={self.stt_reconnects_during_close} after={self.stt_reconnects_after_close}; tts_open={self.tts_open_after} "
             f"llm_open={self.llm_open_after}; clean={self.clean_closes}; close_events={self.close_events}"
+            + (f"; {self.mcp.summary()}" if self.mcp is not None else "")
             + (f"; error={self.error}" if self.error else "")
         )
 
@@ -89,6 +97,7 @@ class _E2ERun:
     stt: STTKind
     ctx: E2EContext = field(default_factory=E2EContext)
     models: E2EModels | None = None
+    mcp: MCPStandin | None = None
     closer: asyncio.Future[None] | None = None
     closes: list[Any] = field(default_factory=list)
     err: str = ""
@@ -135,20 +144,20 @@ class _FirstZero:
             self.ms = round((time.monotonic() - self._t0) * 1000, 1)
 
 
-async def _cleanup(
-    before: set[asyncio.Task[Any]],
-    models: E2EModels | None,
-    release: Callable[[], None],
-    closer: asyncio.Future[Any] | None,
-) -> None:
-    """Release what is parked, stop what is left of the run, close the models: bounded."""
-    release()
+async def _cleanup(before: set[asyncio.Task[Any]], run: _E2ERun) -> None:
+    """Release what is parked, stop what is left of the run (the MCP stand-in's child
+    first: the MCP client's tasks drain its pipes), close the models: bounded."""
+    run.release()
+    closer = run.closer
     if closer is not None and not closer.done():
         await asyncio.wait({closer}, timeout=0.3)
         closer.cancel()
+    if run.mcp is not None and run.mcp.stdio is not None:
+        run.mcp.stdio.kill()
     await cancel_since(before)
-    if models is not None:
-        await models.aclose()
+    await mcp_side.stop_standin(run.mcp)
+    if run.models is not None:
+        await run.models.aclose()
 
 
 async def _trigger(session: AgentSession[Any], audio: ScriptedAudioInput, how: Trigger) -> None:
@@ -160,7 +169,11 @@ async def _trigger(session: AgentSession[Any], audio: ScriptedAudioInput, how: T
         session.generate_reply(user_input="please look it up")
 
 
-def _engaged_check(sc: E2EScenario, ctx: E2EContext, server: ProviderServer) -> Callable[[], bool]:
+def _engaged_check(run: _E2ERun) -> Callable[[], bool]:
+    sc, ctx, server, standin = run.sc, run.ctx, run.server, run.mcp
+    if sc.engaged == "mcp_call":
+        assert standin is not None
+        return lambda: standin.calls() >= 1
     if sc.engaged == "tool":
         return ctx.tool_entered.is_set
     if sc.engaged == "llm_open":
@@ -181,15 +194,17 @@ async def _start_engaged(
     if sc.stall is not None and sc.stall[1] == "before_start":
         run.stall()
     run.models = make_models(server, run.stt)
-    session, audio = make_e2e_session(run.models)
+    run.mcp = mcp_side.start_standin(sc)
+    agent_tools, session_kwargs = mcp_side.tools_for(sc, run.mcp)
+    session, audio = make_e2e_session(run.models, **session_kwargs)
     session.on("close", run.closes.append)
-    await session.start(E2EAgent(run.ctx, tool=sc.tool, on_exit=sc.on_exit))
+    await session.start(E2EAgent(run.ctx, tool=sc.tool, on_exit=sc.on_exit, tools=agent_tools))
     if not await server.await_open(run.stt, 1, 5.0):
         run.err = f"no {run.stt} connection after start"
     if sc.stall is not None and sc.stall[1] == "before_trigger":
         run.stall()
     await _trigger(session, audio, trigger)
-    engaged = await wait_until(_engaged_check(sc, run.ctx, server), 10.0)
+    engaged = await wait_until(_engaged_check(run), 10.0)
     if not engaged and not run.err:
         run.err = f"scenario not engaged ({sc.engaged})"
     await asyncio.sleep(0.1)
@@ -213,7 +228,7 @@ async def _close_and_watch(
     t0 = time.monotonic()
     if mute_on_close:
         audio.mode = "mute"
-    closer = run.closer = asyncio.ensure_future(session.aclose())
+    closer = run.closer = asyncio.ensure_future(_close(session, run.sc))
     zero = _FirstZero(server, kind, t0)
     while not closer.done() and time.monotonic() - t0 < limit:
         zero.poll()
@@ -226,6 +241,28 @@ async def _close_and_watch(
     total_at_end = server.total_connections(kind)
     at_close = await _observe(zero, server, kind, t_end, observe)
     return _CloseSeen(ms, closed, stt_before, at_close, zero.ms, total_at_close, total_at_end)
+
+
+async def _close(session: AgentSession[Any], sc: E2EScenario) -> None:
+    """Close along the scenario's path; ``shutdown()`` returns at once, so its close is
+    awaited through the close event, then the closing task (the layer's, or upstream's)."""
+    if sc.path == "aclose":
+        await session.aclose()
+        return
+    closed = asyncio.Event()
+    session.on("close", lambda _: closed.set())
+    session.shutdown(drain=False)
+    close = closing_of(session, live_only=False)
+    task = close.task if close is not None else session._closing_task
+    event = asyncio.ensure_future(closed.wait())
+    try:
+        await asyncio.wait(
+            {event, *([task] if task is not None else [])}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if task is not None:
+            await asyncio.wait({task})
+    finally:
+        event.cancel()
 
 
 async def _observe(
@@ -252,6 +289,7 @@ def _outcome(
     *,
     patched: bool,
     engaged: bool,
+    mcp: MCPSeen | None,
 ) -> E2EOutcome:
     server, kind = run.server, run.stt
     end = counts(server)
@@ -277,7 +315,12 @@ def _outcome(
         report=lsc.last_close_report(session) if patched else None,
         error=run.err,
         events={k: server.events(k) for k in KINDS},
+        mcp=mcp,
     )
+
+
+async def _observe_mcp(standin: MCPStandin | None, owned: set[int]) -> MCPSeen | None:
+    return await mcp_side.observe(standin, owned) if standin is not None else None
 
 
 async def run_e2e_scenario(
@@ -315,12 +358,14 @@ async def run_e2e_scenario(
     before = set(asyncio.all_tasks())
     try:
         session, audio, engaged = await _start_engaged(run, trigger or sc.trigger)
+        owned = objects_of(session, activities_of(session))
         seen = await _close_and_watch(
             run, session, audio, limit=limit, observe=observe, mute_on_close=mute_on_close
         )
-        return _outcome(run, session, seen, start, patched=patched, engaged=engaged)
+        mcp = await _observe_mcp(run.mcp, owned)
+        return _outcome(run, session, seen, start, patched=patched, engaged=engaged, mcp=mcp)
     finally:
         try:
-            await _cleanup(before, run.models, run.release, run.closer)
+            await _cleanup(before, run)
         finally:
             install.restore()
