@@ -21,6 +21,8 @@ from dataclasses import asdict
 from typing import Any
 
 _KILL_MARGIN = 20.0  # seconds past the scenario's own bound before the subprocess is killed
+#: more for a real-socket run: it starts real plugins (and MCP servers) and watches after the close
+_E2E_KILL_MARGIN = 60.0
 
 
 def _patterns(only: list[str] | None) -> list[str]:
@@ -64,6 +66,8 @@ _CHECK_NEEDS = ("livekit.plugins.silero",)
 _E2E_NEEDS = {
     "livekit.plugins.openai": '"livekit-plugins-openai>=1.8.0,<1.9"',
     "livekit.plugins.deepgram": '"livekit-plugins-deepgram>=1.8.0,<1.9"',
+    # the MCP scenarios run real MCP servers
+    "mcp": '"livekit-agents[mcp]>=1.8.0,<1.9"',
 }
 
 
@@ -141,6 +145,11 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
                 limit=args.vanilla_limit if args.mode == "vanilla" and hangs else None,
             )
         open_after = out.stt_open_after if args.mode == "layer" else out.stt_open_at_close
+        tasks_left, mcp = 0, out.mcp
+        if mcp is not None:
+            # the MCP server's side: a live stdio child or an open HTTP connection is open
+            open_after += int(mcp.child_alive) + mcp.http_open
+            tasks_left = mcp.tasks
         return {
             "scenario": args.scenario,
             "closed": out.closed,
@@ -150,8 +159,13 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
             "server_stt_open_after": out.stt_open_after,
             "server_clean_closes": out.clean_closes,
             "close_events": out.close_events,
-            "tasks_left": 0,
-            "clean": out.closed and open_after == 0 and out.close_events == 1 and not out.error,
+            "tasks_left": tasks_left,
+            "clean": out.closed
+            and open_after == 0
+            and out.close_events == 1
+            and not out.error
+            and (mcp is None or mcp.clean),
+            "mcp": asdict(mcp) if mcp is not None else None,
             "error": out.error,
             "report": out.report.to_dict() if out.report is not None else None,
         }
@@ -162,6 +176,8 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
 
 def _spawn(scenario: str, mode: str, args: argparse.Namespace, child: str = "_run") -> dict[str, Any]:
     bound = (args.close_timeout * 2 + 1.0 if mode == "layer" else args.vanilla_limit) + _KILL_MARGIN
+    if child == "_run_e2e":
+        bound += _E2E_KILL_MARGIN
     cmd = [
         sys.executable, "-m", "livekit_safeclose.cli", child, scenario, "--mode", mode,
         "--drain-timeout", str(args.drain_timeout), "--close-timeout", str(args.close_timeout),
@@ -185,7 +201,12 @@ def _cell(o: dict[str, Any]) -> str:
     if o.get("error") and not o.get("closed"):
         return f"error: {o['error'][:40]}"
     state = "closed" if o.get("closed") else "HUNG"
-    return f"{state} {o.get('ms', 0):.0f} ms, {o.get('provider_open', '?')} open, {o.get('tasks_left', '?')} tasks"
+    mcp = o.get("mcp")
+    wakeups = f", {mcp['attributable']} wake-ups in {mcp['window_s']:.0f} s" if mcp else ""
+    return (
+        f"{state} {o.get('ms', 0):.0f} ms, {o.get('provider_open', '?')} open, "
+        f"{o.get('tasks_left', '?')} tasks{wakeups}"
+    )
 
 
 def _verdict(sc: Any, v: dict[str, Any], lay: dict[str, Any]) -> str:

@@ -61,6 +61,7 @@ MCP = "livekit.agents.llm.mcp:MCPServer"
 TOOLSETS: tuple[R, ...] = (
     R("core", MCP, "aclose", "method", optional=True),
     R("core", MCP, "_client_task", "init_attr", optional=True),
+    R("core", "livekit.agents.llm.mcp:MCPServerHTTP", "_http_client", "init_attr", optional=True),
     R("core", "livekit.agents.llm.mcp:MCPToolset", "_mcp_server", "init_attr", optional=True),
     R("core", "livekit.agents.llm.async_toolset:AsyncToolset", "_executor", "init_attr", optional=True),
     R("core", ACTIVITY, "_mcp_tools", "init_attr", optional=True),

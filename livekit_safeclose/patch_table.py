@@ -43,13 +43,14 @@ PATCHES: tuple[Patch, ...] = (
           "livekit_safeclose.end_call:wrap_end_call",
           "a goodbye that does not finish within graceful_timeout closes the session by force",
           if_present=True),
-    # -- MCP servers (livekit_safeclose.toolsets); only where the `mcp` extra is installed --
+    # -- MCP servers (livekit_safeclose.toolsets): applied once the `mcp` extra is imported --
     Patch(CORE, "livekit.agents.llm.mcp:MCPServer", "aclose", "livekit_safeclose.toolsets:wrap_server_aclose",
           "while its session closes: the MCP client's shutdown runs in its own task, never cut by a "
           "cancelled caller, bounded: a stdio server still running is terminated, then killed; an "
-          "HTTP client is cancelled", if_present=True),
+          "HTTP server's connections are closed", if_present=True, if_imported=True),
     Patch(CORE, "mcp.client.stdio", "_create_platform_compatible_process",
           "livekit_safeclose.toolsets:wrap_spawn",
-          "notes which MCP client task started which stdio server process", if_present=True),
+          "notes which MCP client task started which stdio server process", if_present=True,
+          if_imported=True),
     # -- worker lifecycle (livekit_safeclose.worker) ------------------------------------
 )  # fmt: skip

@@ -22,8 +22,8 @@ The layer, instead:
   that no cancellation of the caller reaches (:func:`wrap_server_aclose`), bounded by
   :data:`SHUTDOWN_ALLOWANCE` inside the phase's bound: a stdio server still running near
   that end is sent SIGTERM, then SIGKILL (its process group, as the SDK would), so the SDK
-  sees it exit and completes its own sequence; an HTTP client is cancelled instead (no part
-  of its shutdown is shielded: its connections close with its HTTP client);
+  sees it exit and completes its own sequence; an HTTP server that does not answer gets its
+  HTTP client closed, so the SDK's requests fail at once and its sequence completes too;
 * the finisher (:func:`finish`) shuts down the session's servers whose ``aclose`` was never
   reached, waits for the shutdowns in flight and, last, cancels an MCP client task whose
   server is gone.
@@ -214,6 +214,22 @@ async def _end_child(process: Any, end: float) -> str:
     return "killed (SIGKILL)"
 
 
+async def _end_connection(server: Any, client: asyncio.Task[Any] | None, end: float) -> str:
+    """An HTTP server that does not answer: its HTTP client is closed, so every request of
+    the SDK's shutdown (the session ``DELETE``) fails at once and the SDK finishes its own
+    sequence. Cancelling the client task instead would land wherever it is: a cancel taken
+    by the MCP session's exit leaves the ``DELETE`` after it waiting unbounded."""
+    http = getattr(server, "_http_client", None)
+    if http is not None:
+        closing = asyncio.ensure_future(http.aclose())
+        closing.add_done_callback(_retrieve)
+        await asyncio.wait({closing}, timeout=max(0.0, end - time.monotonic()))
+        return "HTTP client closed"
+    if client is not None:  # a transport of its own: nothing else to reach
+        client.cancel()
+    return "client cancelled"
+
+
 # -- MCPServer.aclose in a close ---------------------------------------------------------------
 def wrap_server_aclose(original: Method, _options: Any) -> Method:
     """Patch-table factory for ``MCPServer.aclose``: untouched unless its session is closing;
@@ -252,7 +268,7 @@ def _deadline(close: BoundedClose, now: float) -> float:
 
 async def _bounded_shutdown(server: Any, close: BoundedClose, upstream: Method) -> None:
     """Upstream's ``aclose`` (the SDK's own shutdown) until near the end, then the
-    escalation: the stdio server's process ended, or the HTTP client cancelled."""
+    escalation: the stdio server's process ended, or the HTTP connections closed."""
     start = time.monotonic()
     end = _deadline(close, start)
     client = server._client_task
@@ -267,9 +283,7 @@ async def _bounded_shutdown(server: Any, close: BoundedClose, upstream: Method) 
     if child is not None:
         detail = await _end_child(child, end)
     else:
-        detail = "client cancelled"
-        if client is not None:
-            client.cancel()
+        detail = await _end_connection(server, client, end)
     if not await close.wait_until(inner, max(end, time.monotonic() + EXIT_NOTICE)):
         close.note_stuck(inner)
         detail += "; the client task did not end"
@@ -280,7 +294,8 @@ async def _bounded_shutdown(server: Any, close: BoundedClose, upstream: Method) 
 async def finish(session: Any, close: BoundedClose) -> None:
     """Completion hook (``completion.FINISHERS``): every MCP server of the session is shut
     down, bounded, even one whose toolset's ``aclose`` was never reached; an MCP client task
-    still running once its server is gone (or for HTTP) is cancelled."""
+    still running once its server is gone (its child exited, or its connections closed) is
+    cancelled."""
     servers = [s for s in _session_servers(session, close) if _running(s)]
     if not servers:
         return

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from e2e_helpers import CLOSE_TIMEOUT, DRAIN_TIMEOUT, MARGIN, VANILLA_WAIT
 
+from livekit_safeclose.testing._runs import cancel_since
 from livekit_safeclose.testing.e2e import E2E_SCENARIOS, E2EOutcome, run_e2e_scenario
-from livekit_safeclose.testing.mcp import HANG_TOOL
+from livekit_safeclose.testing.loop_quiet import mcp_tasks
+from livekit_safeclose.testing.mcp import HANG_TOOL, MCPStandin, MCPTransport
 from livekit_safeclose.testing.standins import ProviderServer
 
 pytest.importorskip("mcp")
+
+#: time the server side gets to see a connection the client just dropped
+SERVER_GRACE = 0.05
 
 MCP = [s.id for s in E2E_SCENARIOS.values() if s.mcp is not None]
 HANGS = [s.id for s in E2E_SCENARIOS.values() if s.mcp is not None and s.engaged == "mcp_call"]
@@ -62,7 +68,7 @@ async def test_layer_closes_and_the_mcp_server_is_gone(srv: ProviderServer, name
     if sc.mcp_stubborn:
         # the SDK's own sequence could not finish in the bound: the layer ended it
         assert step.outcome == "timeout", report.steps
-        assert ("killed" if sc.mcp == "stdio" else "client cancelled") in step.detail, report.steps
+        assert ("killed" if sc.mcp == "stdio" else "HTTP client closed") in step.detail, report.steps
     else:
         assert step.outcome == "done", report.steps
         # the call was cancelled (the toolset's executor too), so the server closed cleanly
@@ -111,7 +117,6 @@ async def test_mcp_server_aclose_outside_a_session_close_is_upstreams() -> None:
     """The wrapper acts only while the server's session closes: a direct ``aclose()`` runs
     upstream's body unchanged (here: the SDK's own shutdown ends a healthy child)."""
     import livekit_safeclose as lsc
-    from livekit_safeclose.testing.mcp import MCPStandin
 
     lsc.install(worker=False, drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
     standin = MCPStandin("stdio").start()
@@ -125,3 +130,68 @@ async def test_mcp_server_aclose_outside_a_session_close_is_upstreams() -> None:
         assert not standin.child_alive() and server._client_task is None
     finally:
         standin.stop()
+
+
+async def _close_with_a_zombie_stt(
+    transport: MCPTransport, *, patched: bool
+) -> tuple[bool, float, MCPStandin, set[asyncio.Task[Any]]]:
+    """A session whose STT stream swallows every cancellation (an in-memory fault): the
+    activity's teardown is abandoned before it reaches the agent's toolsets, so only the
+    layer's finisher can shut the (stubborn) MCP server down. Returns (closed, ms, standin,
+    the tasks that ran before)."""
+    from livekit.agents import Agent, AgentSession
+
+    import livekit_safeclose as lsc
+    from livekit_safeclose.testing.fakes import (
+        FakeLLM,
+        FakeSTT,
+        FakeTTS,
+        FastAudioOutput,
+        ProviderLedger,
+        SilenceInput,
+    )
+    from livekit_safeclose.testing.scenarios import load_vad
+
+    if patched:
+        lsc.install(worker=False, drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
+    ledger = ProviderLedger()
+    standin = MCPStandin(transport, stubborn=True).start()
+    session: AgentSession[None] = AgentSession(
+        stt=FakeSTT(ledger, close_fault="swallow"), llm=FakeLLM(ledger), tts=FakeTTS(ledger),
+        vad=load_vad(), session_close_transcript_timeout=0.3,
+    )  # fmt: skip
+    session.input.audio = SilenceInput()
+    session.output.audio = FastAudioOutput()
+    before = set(asyncio.all_tasks())
+    await session.start(Agent(instructions="test", tools=[standin.toolset()]))
+    await asyncio.sleep(0.3)  # the STT stream is open
+    t0 = time.monotonic()
+    closer = asyncio.ensure_future(session.aclose())
+    done, _ = await asyncio.wait({closer}, timeout=CLOSE_TIMEOUT + MARGIN if patched else VANILLA_WAIT)
+    ms = (time.monotonic() - t0) * 1000
+    await asyncio.sleep(SERVER_GRACE)
+    ledger.release()
+    return bool(done), ms, standin, before
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+@pytest.mark.parametrize("patched", [False, True], ids=["vanilla", "layer"])
+async def test_a_server_the_teardown_never_reaches_is_shut_down_by_the_finisher(
+    transport: MCPTransport, patched: bool
+) -> None:
+    closed, ms, standin, before = await _close_with_a_zombie_stt(transport, patched=patched)
+    try:
+        alive, conns, tasks = standin.child_alive(), standin.open_connections(), mcp_tasks()
+        if patched:
+            assert closed and ms <= (CLOSE_TIMEOUT + MARGIN) * 1000, ms
+            assert not alive and conns == 0 and not tasks, (alive, conns, tasks, standin.events())
+        else:
+            assert not closed
+            assert (alive if transport == "stdio" else conns >= 1) and tasks, (alive, conns, tasks)
+    finally:
+        if standin.stdio is not None:
+            standin.stdio.kill()
+        await cancel_since(before)
+        await asyncio.to_thread(standin.stop)
