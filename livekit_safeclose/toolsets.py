@@ -44,7 +44,7 @@ import signal
 import sys
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from .bounded_close import BoundedClose, closing_of
@@ -72,25 +72,23 @@ _shutdowns: weakref.WeakKeyDictionary[Any, asyncio.Task[None]] = weakref.WeakKey
 
 
 # -- what a session reaches ----------------------------------------------------------------
-def _walk(tools: Iterable[Any]) -> Iterator[Any]:
+def _walk(tools: Iterable[Any], found: dict[int, Any]) -> None:
     from livekit.agents import llm
 
     for tool in tools:
-        if isinstance(tool, llm.Toolset):
-            yield tool
-            yield from _walk(tool.tools)
+        if isinstance(tool, llm.Toolset) and id(tool) not in found:
+            found[id(tool)] = tool
+            _walk(tool.tools, found)
 
 
 def toolsets_of(session: Any, activities: Iterable[Any]) -> list[Any]:
     """The toolsets (nested ones included) of the session, of the activities' agents, and
     the ones the activities built for the agents' ``mcp_servers``."""
-    sources: list[Iterable[Any]] = [session.tools]
-    for act in activities:
-        sources += [getattr(act, "_mcp_tools", ()), act.agent.tools]
     found: dict[int, Any] = {}
-    for source in sources:
-        for ts in _walk(source):
-            found.setdefault(id(ts), ts)
+    _walk(session.tools, found)
+    for act in activities:
+        _walk(getattr(act, "_mcp_tools", ()), found)
+        _walk(act.agent.tools, found)
     return list(found.values())
 
 
@@ -155,6 +153,14 @@ def _close_of(server: Any) -> BoundedClose | None:
 def _running(server: Any) -> bool:
     task = server._client_task
     return task is not None and not task.done()
+
+
+def _child_of(server: Any) -> tuple[Any, bool]:
+    """(the stdio server's process, or ``None``; whether the server runs on stdio)."""
+    client = server._client_task
+    child = _children.get(client) if client is not None else None
+    mcp = sys.modules.get(_MCP_MODULE)
+    return child, child is not None or (mcp is not None and isinstance(server, mcp.MCPServerStdio))
 
 
 # -- the stdio server's process --------------------------------------------------------------
@@ -238,7 +244,7 @@ def wrap_server_aclose(original: Method, _options: Any) -> Method:
     @functools.wraps(original)
     async def aclose(self: Any) -> None:
         close = _close_of(self)
-        if close is None or close.ended:
+        if close is None:
             await original(self)
             return
         await asyncio.shield(shutdown(self, close, original))
@@ -272,16 +278,20 @@ async def _bounded_shutdown(server: Any, close: BoundedClose, upstream: Method) 
     start = time.monotonic()
     end = _deadline(close, start)
     client = server._client_task
-    child = _children.get(client) if client is not None else None
+    child, stdio = _child_of(server)
     inner = asyncio.ensure_future(upstream(server))
     inner.add_done_callback(_retrieve)
     name = f"mcp.{type(server).__name__}.aclose"
     reserve = TERM_GRACE + EXIT_NOTICE if child is not None else EXIT_NOTICE
     if await close.wait_until(inner, end - reserve):
-        close.record(name, start, "done")
+        exc = None if inner.cancelled() else inner.exception()
+        close.record(name, start, *(("error", f"{type(exc).__name__}: {exc}") if exc else ("done", "")))
         return
     if child is not None:
         detail = await _end_child(child, end)
+    elif stdio:
+        # spawned before the layer could note it: a cancel would cut the SDK's sequence
+        detail = "the stdio server's process is unknown: left to the SDK's own shutdown"
     else:
         detail = await _end_connection(server, client, end)
     if not await close.wait_until(inner, max(end, time.monotonic() + EXIT_NOTICE)):
@@ -299,13 +309,14 @@ async def finish(session: Any, close: BoundedClose) -> None:
     servers = [s for s in _session_servers(session, close) if _running(s)]
     if not servers:
         return
-    tasks = [shutdown(s, close) for s in servers]
-    await asyncio.wait(tasks, timeout=close.left(close.inner_deadline()))
+    tasks = {s: shutdown(s, close) for s in servers}
+    await asyncio.wait(tasks.values(), timeout=close.left(close.inner_deadline()))
     left = []
-    for server in servers:
+    for server, task in tasks.items():
         client = server._client_task
-        child = _children.get(client) if client is not None else None
-        if client is not None and not client.done() and (child is None or _exited(child)):
+        child, stdio = _child_of(server)
+        gone = _exited(child) if child is not None else not stdio  # HTTP: its client was closed
+        if task.done() and client is not None and not client.done() and gone:
             left.append(client)
     if left:
         await close.settle("mcp.client_tasks.cancel", left)
