@@ -12,7 +12,6 @@ never breaks a close); they are listed so that every internal touched is in one 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .options import Part
+from .patching import resolve
 
 logger = logging.getLogger("livekit.agents.safeclose")
 
@@ -61,14 +61,6 @@ class Requirement:
         return f"{head}.{self.name}"
 
 
-def _resolve(dotted: str) -> Any:
-    module_name, _, qual = dotted.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for name in qual.split(".") if qual else ():
-        obj = getattr(obj, name)
-    return obj
-
-
 def _code_names(fn: Any) -> set[str]:
     code = getattr(inspect.unwrap(fn), "__code__", None)
     return set(code.co_names) if code is not None else set()
@@ -85,7 +77,7 @@ def _nested(fn: Any, name: str) -> Any:
 def problem(req: Requirement) -> str | None:
     """What is wrong with ``req`` on the installed release, ``None`` when it is met."""
     try:
-        owner = _resolve(req.owner)
+        owner = resolve(req.owner)
     except (ImportError, AttributeError):
         return f"{req.owner.replace(':', '.')} (not found)"
     if req.kind == "init_attr":
