@@ -16,8 +16,9 @@ closing bounded and complete three ways:
 The layer, instead:
 
 * a forced close cancels the calls running on the executors of every toolset the session
-  reaches (:func:`tool_tasks`, settled with the activity's own tools), so each toolset's
-  ``aclose`` goes on to its MCP server;
+  reaches (:func:`tool_tasks`): at the drain bound with the speech that waits on them, and
+  before the activity's ``aclose`` with its own tools; each toolset's ``aclose`` then goes
+  on to its MCP server;
 * while its session closes, ``MCPServer.aclose()`` runs upstream's body in a task of its own
   that no cancellation of the caller reaches (:func:`wrap_server_aclose`), bounded by
   :data:`SHUTDOWN_ALLOWANCE` inside the phase's bound: a stdio server still running near
@@ -30,8 +31,9 @@ The layer, instead:
 
 The stdio server's process is found by the wrapper of the SDK's spawn
 (:func:`wrap_spawn`): it notes the process against the task that spawned it, which is the
-server's client task. Nothing here imports the ``mcp`` SDK: a session can only hold MCP
-servers once ``livekit.agents.llm.mcp`` is imported.
+server's client task. Nothing here imports the ``mcp`` SDK (seconds of CPU): a session
+can only hold MCP servers once ``livekit.agents.llm.mcp`` is imported, and both patch rows
+wait for that import (``if_imported``; ``AgentSession.start`` catches up).
 """
 
 from __future__ import annotations
