@@ -17,8 +17,9 @@ Cancellation rules enforced here:
   so no upstream wait is computed from it again;
 * a ``drain()`` still stuck after that is abandoned with the lock held; the activity's
   ``aclose()`` then runs on a fresh lock, since the old one will never be released in time;
-* a forced ``aclose()`` cancels every tool (cancellable or not) before upstream's body runs,
-  and stops the session's streams from outside when a model close waits on its provider.
+* a forced ``aclose()`` cancels every tool (cancellable or not, the toolsets' own calls
+  included) before upstream's body runs, and stops the session's streams from outside when
+  a model close waits on its provider.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from . import toolsets
 from .adapters import close_recognition, forget_tool_tasks, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, BoundedClose, closing_of
 from .report import StepOutcome
@@ -49,7 +51,7 @@ def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
 def force(close: BoundedClose, activity: Any) -> None:
     """Cancel the activity's unsettled tasks and its scheduling task, taking no lock and
     awaiting nothing: ``drain()`` holds the lock while it waits on exactly these."""
-    tasks = unsettled_tasks(activity)
+    tasks = unsettled_tasks(activity) + toolsets.tool_tasks(activity)  # a speech waits on these too
     if (sched := activity._scheduling_atask) is not None and not sched.done():
         tasks.append(sched)
     close.cancel(tasks)
@@ -181,8 +183,10 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     """A forced close of ``activity``: every tool cancelled, then upstream's ``aclose``
     watched; the session's streams stopped from outside when a model close hangs, and what
     an abandoned ``aclose`` never reached completed."""
-    await close.settle("tools.cancel", tool_tasks(activity))
+    # the toolsets' own executors too: an MCP toolset drains its calls before closing its server
+    await close.settle("tools.cancel", tool_tasks(activity) + toolsets.tool_tasks(activity))
     quarantine(close, activity)
+    toolsets.forget(activity, close.zombies)
     spare_waiters(close, activity)
     if id(activity) in close.held_by_abandoned_drain:
         # the abandoned drain keeps the old lock; the close goes on without it

@@ -21,6 +21,8 @@ from dataclasses import asdict
 from typing import Any
 
 _KILL_MARGIN = 20.0  # seconds past the scenario's own bound before the subprocess is killed
+#: more for a real-socket run: it starts real plugins (and MCP servers) and watches after the close
+_E2E_KILL_MARGIN = 60.0
 
 
 def _patterns(only: list[str] | None) -> list[str]:
@@ -64,6 +66,8 @@ _CHECK_NEEDS = ("livekit.plugins.silero",)
 _E2E_NEEDS = {
     "livekit.plugins.openai": '"livekit-plugins-openai>=1.8.0,<1.9"',
     "livekit.plugins.deepgram": '"livekit-plugins-deepgram>=1.8.0,<1.9"',
+    # the MCP scenarios run real MCP servers
+    "mcp": '"livekit-agents[mcp]>=1.8.0,<1.9"',
 }
 
 
@@ -145,6 +149,12 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
         layer = args.mode == "layer"
         open_after = out.stt_open_after if layer else out.stt_open_at_close
         open_after += out.realtime_open_after if layer else out.realtime_open_at_close
+        tasks_left, mcp = out.tasks_left, out.mcp
+        if mcp is not None:
+            # the MCP server's side: a live stdio child or an open HTTP connection is open,
+            # and its client's tasks are left running
+            open_after += int(mcp.child_alive) + mcp.http_open
+            tasks_left += mcp.tasks
         return {
             "scenario": args.scenario,
             "closed": out.closed,
@@ -156,13 +166,15 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
             "server_realtime_open_after": out.realtime_open_after,
             "server_clean_closes": out.clean_closes,
             "close_events": out.close_events,
-            "tasks_left": out.tasks_left,
-            "tasks_left_names": out.tasks_left_names,
+            "tasks_left": tasks_left,
+            "tasks_left_names": out.tasks_left_names + (mcp.task_names if mcp is not None else []),
             "clean": out.closed
             and open_after == 0
             and out.close_events == 1
-            and out.tasks_left == 0
-            and not out.error,
+            and tasks_left == 0
+            and not out.error
+            and (mcp is None or mcp.clean),
+            "mcp": asdict(mcp) if mcp is not None else None,
             "error": out.error,
             "report": out.report.to_dict() if out.report is not None else None,
         }
@@ -202,6 +214,8 @@ def _spawn(
     bound = (
         args.close_timeout * 2 + 1.0 if mode == "layer" or not hangs else args.vanilla_limit
     ) + _KILL_MARGIN
+    if child == "_run_e2e":
+        bound += _E2E_KILL_MARGIN
     cmd = [
         sys.executable, "-m", "livekit_safeclose.cli", child, scenario, "--mode", mode,
         "--drain-timeout", str(args.drain_timeout), "--close-timeout", str(args.close_timeout),
@@ -225,7 +239,12 @@ def _cell(o: dict[str, Any]) -> str:
     if o.get("error") and not o.get("closed"):
         return f"error: {o['error'][:40]}"
     state = "closed" if o.get("closed") else "HUNG"
-    return f"{state} {o.get('ms', 0):.0f} ms, {o.get('provider_open', '?')} open, {o.get('tasks_left', '?')} tasks"
+    mcp = o.get("mcp")
+    wakeups = f", {mcp['attributable']} wake-ups in {mcp['window_s']:.0f} s" if mcp else ""
+    return (
+        f"{state} {o.get('ms', 0):.0f} ms, {o.get('provider_open', '?')} open, "
+        f"{o.get('tasks_left', '?')} tasks{wakeups}"
+    )
 
 
 def _verdict(sc: Any, v: dict[str, Any], lay: dict[str, Any]) -> str:

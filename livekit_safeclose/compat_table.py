@@ -72,6 +72,18 @@ FALLBACK: tuple[R, ...] = (
     R("core", f"{TTS_FALLBACK}:FallbackAdapter", "_status", "init_attr", optional=True),
 )
 
+MCP = "livekit.agents.llm.mcp:MCPServer"
+#: optional: the `mcp` extra may not be installed (then no session holds an MCP server)
+TOOLSETS: tuple[R, ...] = (
+    R("core", MCP, "aclose", "method", optional=True),
+    R("core", MCP, "_client_task", "init_attr", optional=True),
+    R("core", "livekit.agents.llm.mcp:MCPServerHTTP", "_http_client", "init_attr", optional=True),
+    R("core", "livekit.agents.llm.mcp:MCPToolset", "_mcp_server", "init_attr", optional=True),
+    R("core", "livekit.agents.llm.async_toolset:AsyncToolset", "_executor", "init_attr", optional=True),
+    R("core", ACTIVITY, "_mcp_tools", "init_attr", optional=True),
+    R("core", "mcp.client.stdio", "_create_platform_compatible_process", "attr", optional=True),
+)
+
 STREAM_LEDGER: tuple[R, ...] = (
     R("stream_ledger", "livekit.agents.stt:RecognizeStream", "_task", "init_attr"),
     R("stream_ledger", "livekit.agents.tts:SynthesizeStream", "_task", "init_attr"),
@@ -144,6 +156,7 @@ IDLE_REPORT: tuple[R, ...] = (
 REQUIREMENTS: tuple[R, ...] = (
     CORE
     + FALLBACK
+    + TOOLSETS
     + STREAM_LEDGER
     + SIGNAL_GUARD
     + DRAIN_AVAILABILITY

@@ -58,6 +58,15 @@ PATCHES: tuple[Patch, ...] = (
           "started while it closes (the stream's finally would start one)"),
     Patch(CORE, TTS_FALLBACK + ":FallbackChunkedStream", "_try_recovery",
           "livekit_safeclose.fallback:wrap_try_recovery", "same"),
+    # -- MCP servers (livekit_safeclose.toolsets): applied once the `mcp` extra is imported --
+    Patch(CORE, "livekit.agents.llm.mcp:MCPServer", "aclose", "livekit_safeclose.toolsets:wrap_server_aclose",
+          "while its session closes: the MCP client's shutdown runs in its own task, never cut by a "
+          "cancelled caller, bounded: a stdio server still running is terminated, then killed; an "
+          "HTTP server's connections are closed", if_present=True, if_imported=True),
+    Patch(CORE, "mcp.client.stdio", "_create_platform_compatible_process",
+          "livekit_safeclose.toolsets:wrap_spawn",
+          "notes which MCP client task started which stdio server process", if_present=True,
+          if_imported=True),
     # -- worker lifecycle (livekit_safeclose.worker) ------------------------------------
     # the signal.signal tap is how every worker part sees the CLI's handler and the signal
     Patch(frozenset({"signal_guard", "drain_availability", "bounded_drain_end"}), "signal", "signal",

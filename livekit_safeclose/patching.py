@@ -11,12 +11,15 @@ Rules, each enforced here and nowhere else:
 * **``__wrapped__`` everywhere.** Every replacement exposes the original it stands for
   (``None`` for an attribute that was new), so tools and readers can always find upstream.
 * **Nothing imported before it is needed.** Owners and factories are named by dotted
-  strings and resolved only when a row is applied, after the compatibility check.
+  strings and resolved only when a row is applied, after the compatibility check. A row of
+  an optional extra that takes seconds to import (the ``mcp`` SDK) waits until something
+  else imported its module (``if_imported``); :func:`catch_up` applies it then.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,6 +54,13 @@ class Patch:
     on_revert: str | None = None
     #: the owner exists only on some releases (a beta tool): skipped where it is absent
     if_present: bool = False
+    #: the owner's module is an optional extra that is slow to import: never imported for
+    #: the row, which is applied once the module is (by :func:`apply` or :func:`catch_up`)
+    if_imported: bool = False
+
+    @property
+    def module(self) -> str:
+        return self.owner.split(":", 1)[0]
 
     @property
     def target(self) -> str:
@@ -93,6 +103,8 @@ def _make(row: Patch, owner: Any, options: Options) -> tuple[Any, Any]:
 
 
 def _apply_row(row: Patch, options: Options) -> None:
+    if row.if_imported and row.module not in sys.modules:
+        return
     try:
         owner = resolve(row.owner)
     except (ImportError, AttributeError):
@@ -145,6 +157,22 @@ def apply(rows: Iterable[Patch], parts: Iterable[Part], options: Options, *, exc
         if exclusive:
             _enabled.clear()
         _enabled.update(wanted)
+
+
+def catch_up(rows: Iterable[Patch]) -> None:
+    """Apply the enabled rows that waited for their module (``if_imported``) now that it is
+    imported: called before a session starts, which is when its MCP servers spawn."""
+    with _lock:
+        if not _applied:
+            return
+        pending = [
+            r
+            for r in rows
+            if r.if_imported and r not in _applied and r.parts & _enabled and r.module in sys.modules
+        ]
+        if pending:
+            options = next(iter(_applied.values())).options
+            apply(pending, set(_enabled), options, exclusive=False)
 
 
 def revert_all() -> None:

@@ -24,11 +24,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import options as options_mod
+from . import patching
 from .activity import force, settle_drain_phase
 from .adapters import add_drain_blocked, start_tasks, transcript_timeout
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
 from .locks import free_within
 from .ownership import activities_of, note_started, outputs_of
+from .patch_table import PATCHES
 from .report import logger
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
@@ -106,6 +108,7 @@ def wrap_start(original: Method, _options: Any) -> Method:
     async def start(self: Any, *args: Any, **kwargs: Any) -> Any:
         if options_mod.for_session(self) is None:
             return await original(self, *args, **kwargs)
+        patching.catch_up(PATCHES)  # rows waiting for the `mcp` extra: its servers spawn in start()
         note_started(self)
         try:
             return await original(self, *args, **kwargs)

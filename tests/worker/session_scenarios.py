@@ -170,7 +170,7 @@ def run(sc: SessionScenario, *, patched: bool, log_dir: Path) -> SessionOutcome:
             out.stt_clean = prov.clean_closes(STT) - clean0
             out.stt_open_at_end = prov.open_connections(STT)
             if out.exit_code is not None:
-                out.group_left = w.group_alive()
+                out.group_left = w.group_left()
         finally:
             w.kill_group()
             if out.job_pid is not None and _alive(out.job_pid):  # an orphan outside the group

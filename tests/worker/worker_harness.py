@@ -159,6 +159,15 @@ class WorkerProcess:
                 out.append(int(entry.name))
         return out
 
+    def group_left(self, grace: float = 2.0) -> list[int]:
+        """PIDs of the group still alive ``grace`` seconds after the worker's exit: a child
+        (the forkserver, a job process) sees its parent's pipe close and exits on its own a
+        moment later, longer on a loaded machine; one alive past the grace is left behind."""
+        deadline = time.monotonic() + grace
+        while (alive := self.group_alive()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return alive
+
     def signal_disposition(self, pid: int, sig: int) -> str:
         """``"ignored"``, ``"caught"`` or ``"default"``, from ``/proc/<pid>/status``."""
         fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())

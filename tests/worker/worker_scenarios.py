@@ -135,8 +135,7 @@ def run(scenario: Scenario, *, patched: bool, log_dir: Path) -> Outcome:
             out.exit_code = w.wait(max(0.1, sigterm_at + scenario.exit_bound - time.monotonic()))
             if w.exited_at is not None:
                 out.exit_after = w.exited_at - sigterm_at
-                time.sleep(0.2)
-                out.group_left = w.group_alive()
+                out.group_left = w.group_left()
         finally:
             w.kill_group()
             pool.shutdown(wait=False, cancel_futures=True)

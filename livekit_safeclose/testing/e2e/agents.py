@@ -26,10 +26,17 @@ class E2EAgent(Agent):
     (``"linger"``: cancelled, it keeps running through the close's drain phase, as a cleanup
     that outlasts the drain bound would, and returns once the close moved on) or answers;
     ``on_exit`` parks, says a goodbye through the TTS (``"say"``) or asks the LLM for one
-    (``"reply"``)."""
+    (``"reply"``); ``tools``: more tools (an ``MCPToolset``)."""
 
-    def __init__(self, ctx: E2EContext, *, tool: ToolMode = "ok", on_exit: ExitMode = "none") -> None:
-        super().__init__(instructions="You are a test agent. Use lookup when asked.")
+    def __init__(
+        self,
+        ctx: E2EContext,
+        *,
+        tool: ToolMode = "ok",
+        on_exit: ExitMode = "none",
+        tools: list[Any] | None = None,
+    ) -> None:
+        super().__init__(instructions="You are a test agent. Use lookup when asked.", tools=tools or [])
         self._ctx, self._tool, self._exit = ctx, tool, on_exit
 
     @function_tool

@@ -6,15 +6,15 @@ derived from it so a new scenario cannot be left out of the CLI.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from ..mcp import HANG_TOOL, MCPTransport
 from ..standins import Kind, LLMReply, StallMode
 from .agents import ExitMode, ToolMode
 from .models import STTKind
 
 Trigger = Literal["voice", "text", "none"]
-#: how the session is closed: ``aclose()``, or what room io does when the caller hangs up
-Path = Literal["aclose", "disconnect"]
+Path = Literal["aclose", "shutdown", "disconnect"]
 #: a ``FallbackAdapter`` case (run by :func:`~.fallback.run_fallback_scenario`)
 FallbackCase = Literal["stt_recovery", "tts_probe_on_close", "tts_probe_in_flight"]
 
@@ -34,9 +34,13 @@ class E2EScenario:
     ``realtime``: the LLM is the OpenAI Realtime model (``script`` then scripts its
     responses); ``stall_mode``: how the stalled kind stalls; ``item_delay``: the Realtime
     stand-in holds its confirmation of a tool result this long; ``path``: how the session is
-    closed (``"disconnect"``: the caller hangs up, audio stops, close-on-disconnect).
-    ``fallback``: a ``FallbackAdapter`` scenario, whose verdict is the failed provider's
-    connections a second after the close (see :mod:`.fallback`)."""
+    closed (``"shutdown"``: ``shutdown(drain=False)``; ``"disconnect"``: the caller hangs up,
+    audio stops, close-on-disconnect). ``fallback``: a ``FallbackAdapter`` scenario, whose
+    verdict is the failed provider's connections a second after the close (see
+    :mod:`.fallback`). ``mcp``: the agent (``mcp_scope="agent"``) or the session carries an
+    ``MCPToolset`` on a real MCP stand-in of that transport; ``mcp_stubborn``: its shutdown
+    is ignored; ``engaged="mcp_call"``: the MCP server
+    received the tool call."""
 
     id: str
     stuck: str
@@ -45,7 +49,7 @@ class E2EScenario:
     on_exit: ExitMode = "none"
     script: tuple[LLMReply, ...] = ()
     trigger: Trigger = "none"
-    engaged: Literal["start", "tool", "llm_open", "llm_done", "realtime_open"] = "start"
+    engaged: Literal["start", "tool", "llm_open", "llm_done", "realtime_open", "mcp_call"] = "start"
     stall: tuple[Kind, Literal["before_start", "before_trigger"]] | None = None
     vanilla_hangs: bool = True
     stt_kinds: tuple[STTKind, ...] = ("inference_stt",)
@@ -54,10 +58,45 @@ class E2EScenario:
     item_delay: float = 0.0
     path: Path = "aclose"
     fallback: FallbackCase | None = None
+    mcp: MCPTransport | None = None
+    mcp_stubborn: bool = False
+    mcp_scope: Literal["agent", "session"] = "agent"
 
 
 _TOOL_CALL = (LLMReply(tool_calls=[("lookup", {})]),)
 _LONG_TEXT = (LLMReply(text="Here is a long answer that takes a while to say out loud."),)
+_MCP_CALL = (LLMReply(tool_calls=[(HANG_TOOL, {})]),)
+
+
+def _mcp_hang(t: MCPTransport, suffix: str, stuck: str, description: str, **kw: Any) -> E2EScenario:
+    return E2EScenario(
+        f"mcp-{t}-hang{suffix}", f"{t} MCP tool call never answers{stuck}", description,
+        script=_MCP_CALL, trigger="text", engaged="mcp_call", mcp=t, **kw,
+    )  # fmt: skip
+
+
+def _mcp_scenarios() -> list[E2EScenario]:
+    """Real MCP servers (livekit/agents#5212): per transport, a tool call that never answers
+    closed by ``aclose()`` and by ``shutdown(drain=False)`` (and with the toolset on the
+    session), and a healthy session whose server ignores its shutdown."""
+    out: list[E2EScenario] = []
+    transports: tuple[MCPTransport, ...] = ("stdio", "http")
+    for t in transports:
+        out += [
+            _mcp_hang(t, "", " (aclose)",
+                      "The LLM calls an MCP tool whose server never answers; the toolset's own "
+                      "executor holds the call, and MCPToolset.aclose() drains it first."),
+            _mcp_hang(t, "-shutdown", " (shutdown)", "As above, closed by shutdown(drain=False).",
+                      path="shutdown"),
+            _mcp_hang(t, "-session", ", session toolset",
+                      "As above, with the MCPToolset on the session (closed after the activity).",
+                      mcp_scope="session"),
+            E2EScenario(f"mcp-{t}-stubborn", f"{t} MCP server ignores its shutdown (healthy close)",
+                        "Nothing is stuck; the server ignores its shutdown (stdio: stdin EOF and "
+                        "SIGTERM; HTTP: the session DELETE is never answered).", mcp=t, mcp_stubborn=True),
+        ]  # fmt: skip
+    return out
+
 
 E2E_SCENARIOS: dict[str, E2EScenario] = {
     s.id: s
@@ -205,6 +244,7 @@ E2E_SCENARIOS: dict[str, E2EScenario] = {
             vanilla_hangs=False,
             fallback="tts_probe_in_flight",
         ),
+        *_mcp_scenarios(),
     ]
 }
 

@@ -18,12 +18,16 @@ from livekit.agents.voice.events import CloseReason
 
 import livekit_safeclose as lsc
 
+from ...ownership import activities_of, objects_of
 from .._runs import LayerForRun, cancel_since
+from ..mcp import MCPStandin
 from ..standins import KINDS, ProviderServer
+from . import mcp as mcp_side
 from ._server import POLL, SERVER_GRACE, counts, wait_until
 from .agents import E2EAgent, E2EContext
 from .audio import ScriptedAudioInput
 from .catalogue import E2E_SCENARIOS, E2EScenario, Trigger
+from .mcp import MCPSeen
 from .models import E2EModels, STTKind, make_e2e_session, make_models
 
 
@@ -44,7 +48,8 @@ class E2EOutcome:
     stand-in's open sockets (held upgrades included), at the same two moments as the STT
     counts. ``tasks_left``: what the post-close audit finds still running for the session
     (zombies included) ``SERVER_GRACE`` after the close returned (or after ``limit``), with
-    ``tasks_left_names``."""
+    ``tasks_left_names``. ``mcp``: for a scenario with an MCP server, what it and the loop
+    showed after the close."""
 
     scenario: str
     stt: STTKind
@@ -71,6 +76,7 @@ class E2EOutcome:
     realtime_open_after: int = 0
     tasks_left: int = 0
     tasks_left_names: list[str] = field(default_factory=list)
+    mcp: MCPSeen | None = None
 
     @property
     def released(self) -> bool:
@@ -87,6 +93,7 @@ class E2EOutcome:
             f"llm_open={self.llm_open_after}; realtime_open at_close={self.realtime_open_at_close} "
             f"after={self.realtime_open_after}; tasks_left={self.tasks_left} {self.tasks_left_names}; "
             f"clean={self.clean_closes}; close_events={self.close_events}"
+            + (f"; {self.mcp.summary()}" if self.mcp is not None else "")
             + (f"; error={self.error}" if self.error else "")
         )
 
@@ -101,6 +108,7 @@ class _E2ERun:
     stt: STTKind
     ctx: E2EContext = field(default_factory=E2EContext)
     models: E2EModels | None = None
+    mcp: MCPStandin | None = None
     closer: asyncio.Future[None] | None = None
     closes: list[Any] = field(default_factory=list)
     err: str = ""
@@ -151,20 +159,20 @@ class _FirstZero:
             self.ms = round((time.monotonic() - self._t0) * 1000, 1)
 
 
-async def _cleanup(
-    before: set[asyncio.Task[Any]],
-    models: E2EModels | None,
-    release: Callable[[], None],
-    closer: asyncio.Future[Any] | None,
-) -> None:
-    """Release what is parked, stop what is left of the run, close the models: bounded."""
-    release()
+async def _cleanup(before: set[asyncio.Task[Any]], run: _E2ERun) -> None:
+    """Release what is parked, stop what is left of the run (the MCP stand-in's child
+    first: the MCP client's tasks drain its pipes), close the models: bounded."""
+    run.release()
+    closer = run.closer
     if closer is not None and not closer.done():
         await asyncio.wait({closer}, timeout=0.3)
         closer.cancel()
+    if run.mcp is not None and run.mcp.stdio is not None:
+        run.mcp.stdio.kill()
     await cancel_since(before)
-    if models is not None:
-        await models.aclose()
+    await mcp_side.stop_standin(run.mcp)
+    if run.models is not None:
+        await run.models.aclose()
 
 
 async def _trigger(session: AgentSession[Any], audio: ScriptedAudioInput, how: Trigger) -> None:
@@ -176,7 +184,11 @@ async def _trigger(session: AgentSession[Any], audio: ScriptedAudioInput, how: T
         session.generate_reply(user_input="please look it up")
 
 
-def _engaged_check(sc: E2EScenario, ctx: E2EContext, server: ProviderServer) -> Callable[[], bool]:
+def _engaged_check(run: _E2ERun) -> Callable[[], bool]:
+    sc, ctx, server, standin = run.sc, run.ctx, run.server, run.mcp
+    if sc.engaged == "mcp_call":
+        assert standin is not None
+        return lambda: standin.calls() >= 1
     if sc.engaged == "tool":
         return ctx.tool_entered.is_set
     if sc.engaged == "llm_open":
@@ -203,15 +215,17 @@ async def _start_engaged(
     if sc.stall is not None and sc.stall[1] == "before_start":
         run.stall()
     run.models = make_models(server, run.stt, realtime=sc.realtime)
-    session, audio = make_e2e_session(run.models)
+    run.mcp = mcp_side.start_standin(sc)
+    agent_tools, session_kwargs = mcp_side.tools_for(sc, run.mcp)
+    session, audio = make_e2e_session(run.models, **session_kwargs)
     session.on("close", run.closes.append)
-    await session.start(E2EAgent(run.ctx, tool=sc.tool, on_exit=sc.on_exit))
+    await session.start(E2EAgent(run.ctx, tool=sc.tool, on_exit=sc.on_exit, tools=agent_tools))
     if not await server.await_open(run.stt, 1, 5.0):
         run.err = f"no {run.stt} connection after start"
     if sc.stall is not None and sc.stall[1] == "before_trigger":
         run.stall()
     await _trigger(session, audio, trigger)
-    engaged = await wait_until(_engaged_check(sc, run.ctx, server), 10.0)
+    engaged = await wait_until(_engaged_check(run), 10.0)
     if not engaged and not run.err:
         run.err = f"scenario not engaged ({sc.engaged})"
     await asyncio.sleep(0.1)
@@ -256,12 +270,16 @@ async def _close_and_watch(
 
 
 async def _close(session: AgentSession[Any], path: str) -> None:
-    """Close the session by ``path``: ``aclose()``, or close-on-disconnect as room io does
-    it when the linked participant (a SIP caller) hangs up, awaited through its task."""
+    """Close the session by ``path``: ``aclose()``, ``shutdown(drain=False)``, or
+    close-on-disconnect as room io does it when the linked participant (a SIP caller) hangs
+    up; the last two awaited through the closing task they start."""
     if path == "aclose":
         await session.aclose()
         return
-    session._close_soon(reason=CloseReason.PARTICIPANT_DISCONNECTED)
+    if path == "shutdown":
+        session.shutdown(drain=False)
+    else:
+        session._close_soon(reason=CloseReason.PARTICIPANT_DISCONNECTED)
     task = session._closing_task
     if task is not None:
         await asyncio.shield(task)
@@ -299,6 +317,7 @@ def _outcome(
     *,
     patched: bool,
     engaged: bool,
+    mcp: MCPSeen | None,
 ) -> E2EOutcome:
     server, kind = run.server, run.stt
     end = counts(server)
@@ -328,7 +347,12 @@ def _outcome(
         realtime_open_after=server.open_connections("openai_realtime"),
         tasks_left=len(seen.left),
         tasks_left_names=seen.left,
+        mcp=mcp,
     )
+
+
+async def _observe_mcp(standin: MCPStandin | None, owned: set[int]) -> MCPSeen | None:
+    return await mcp_side.observe(standin, owned) if standin is not None else None
 
 
 async def run_e2e_scenario(
@@ -368,12 +392,14 @@ async def run_e2e_scenario(
     before = set(asyncio.all_tasks())
     try:
         session, audio, engaged = await _start_engaged(run, trigger or sc.trigger)
+        owned = objects_of(session, activities_of(session))
         seen = await _close_and_watch(
             run, session, audio, limit=limit, observe=observe, mute_on_close=mute_on_close
         )
-        return _outcome(run, session, seen, start, patched=patched, engaged=engaged)
+        mcp = await _observe_mcp(run.mcp, owned)
+        return _outcome(run, session, seen, start, patched=patched, engaged=engaged, mcp=mcp)
     finally:
         try:
-            await _cleanup(before, run.models, run.release, run.closer)
+            await _cleanup(before, run)
         finally:
             install.restore()
