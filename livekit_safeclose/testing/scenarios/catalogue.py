@@ -14,6 +14,7 @@ from typing import Any, Literal
 from livekit.agents import Agent
 
 from ..fakes import FakeReply
+from ..fuzz.schedule import Schedule
 from .agents import Ctx, HangingToolset, ScenarioAgent, StuckTask
 
 ClosePath = Literal["aclose", "shutdown", "disconnect", "error", "graceful"]
@@ -47,6 +48,9 @@ class Scenario:
     #: cancellation, a tool that resumes after the close it awaited)
     leaves_task: bool = False
     tags: tuple[str, ...] = field(default_factory=tuple)
+    #: a regression the fuzzer found: this schedule is replayed step by step (setup,
+    #: trigger and path only describe it) and every fuzz invariant is checked
+    schedule: Schedule | None = None
 
 
 async def _reply_calls_tool(ctx: Ctx) -> None:
@@ -233,6 +237,45 @@ HANG_CLASSES: tuple[_HangClass, ...] = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class FuzzFound:
+    """A failure ``livekit-safeclose fuzz`` found, as its minimal schedule (the command
+    prints this entry ready to paste)."""
+
+    id: str
+    stuck: str
+    schedule: Schedule
+    vanilla_hangs: bool = True
+    description: str = ""
+
+
+#: regression scenarios from the fuzzer, one per bug it found
+FUZZ_FOUND: tuple[FuzzFound, ...] = ()
+
+
+def _path_of(schedule: Schedule) -> ClosePath:
+    """The first close path of a schedule, as the catalogue names paths."""
+    names: dict[str, ClosePath] = {"graceful": "graceful", "shutdown": "shutdown", "disconnect": "disconnect"}
+    for step in schedule.steps:
+        if step.kind == "error":
+            return "error"
+        if step.kind == "close":
+            return names.get(str(step.arg), "aclose")
+    return "aclose"
+
+
+async def _replayed(ctx: Ctx) -> Agent:
+    raise NotImplementedError("a fuzz scenario is replayed from its schedule")
+
+
+def _fuzz_scenarios() -> list[Scenario]:
+    return [
+        Scenario(f.id, f.stuck, _path_of(f.schedule), f.description or f.stuck, _replayed,
+                 vanilla_hangs=f.vanilla_hangs, tags=("fuzz",), schedule=f.schedule)
+        for f in FUZZ_FOUND
+    ]  # fmt: skip
+
+
 def _scenarios() -> list[Scenario]:
     out = [
         Scenario(
@@ -276,7 +319,7 @@ def _scenarios() -> list[Scenario]:
                  "shutdown(drain=True) must still wait for a 1.5 s tool to finish.",
                  _tool_agent("sleep:1.5"), _reply_calls_tool, vanilla_hangs=False, tags=("control",)),
     ]  # fmt: skip
-    return out
+    return out + _fuzz_scenarios()
 
 
 SCENARIOS: dict[str, Scenario] = {s.id: s for s in _scenarios()}
