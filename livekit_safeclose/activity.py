@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .adapters import close_recognition, forget_tool_tasks, tool_tasks
-from .bounded_close import MODEL_CLOSE_ALLOWANCE, BoundedClose, closing_of
+from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
 from .report import StepOutcome
 from .stacks import frames
 
@@ -86,11 +87,11 @@ async def settle_drain_phase(close: BoundedClose, activities: list[Any], fut: as
     left its drain phase)."""
     for act in activities:
         force(close, act)
-    if await close.wait_phase_change(fut, "drain", close.grace()):
+    if await close.wait_phase_change(fut, "drain", close.drain_grace()):
         return True
     for act in activities:
         quarantine(close, act)
-    return await close.wait_phase_change(fut, "drain", close.grace())
+    return await close.wait_phase_change(fut, "drain", close.drain_grace())
 
 
 def wrap_drain(original: Method, _options: Any) -> Method:
@@ -109,9 +110,9 @@ def wrap_drain(original: Method, _options: Any) -> Method:
             if not await close.wait_phase(inner, drain=True):
                 forced = True
                 force(close, self)
-                if not await close.wait_until(inner, close.grace()):
+                if not await close.wait_until(inner, close.drain_grace()):
                     quarantine(close, self)
-                    await close.wait_until(inner, close.grace())
+                    await close.wait_until(inner, close.drain_grace())
         except asyncio.CancelledError:
             inner.cancel()
             raise
@@ -167,11 +168,23 @@ async def _graceful(close: BoundedClose, activity: Any, original: Method) -> asy
     spare_waiters(close, activity)
     start = time.monotonic()
     inner = asyncio.ensure_future(original(activity))
-    if not await close.wait_until(inner, close.steps_deadline()):
-        close.abandon("activity.aclose", inner, start)
-        return inner
+    if not await close.wait_until(inner, _sweep_at(close, start, math.inf)):
+        close.escalate("close_timeout")
+        await close.sweep_streams(activity._session, close.grace())
+        if not await close.wait_until(inner, close.grace()):
+            close.abandon("activity.aclose", inner, start)
+            return inner
     close.record("activity.aclose", start, *_outcome(inner))
     return None
+
+
+def _sweep_at(close: BoundedClose, start: float, allowance: float) -> float:
+    """When a model close still running is helped by stopping the session's streams from
+    outside: after the final-transcript wait plus ``allowance``, and early enough before the
+    phase's own bound that the activity's teardown can still finish after the sweep."""
+    room = max(0.0, close.steps_deadline() - start - close.transcript_timeout)
+    cap = close.steps_deadline() - min(UNWIND_GRACE, room / 2)
+    return min(cap, start + close.transcript_timeout + allowance)
 
 
 async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
@@ -187,7 +200,7 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
         close.record("activity.lock", time.monotonic(), "timeout", "held by an abandoned drain: a fresh lock")
     start = time.monotonic()
     inner = asyncio.ensure_future(original(activity))
-    first = min(close.steps_deadline(), start + close.transcript_timeout + MODEL_CLOSE_ALLOWANCE)
+    first = _sweep_at(close, start, MODEL_CLOSE_ALLOWANCE)
     if not await close.wait_until(inner, first):
         await close.sweep_streams(activity._session, close.grace())
         if not await close.wait_until(inner, close.grace()):

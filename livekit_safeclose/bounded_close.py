@@ -203,6 +203,13 @@ class BoundedClose:
         """A deadline one unwind grace from now, never past the teardown bound."""
         return min(self.steps_deadline(), time.monotonic() + UNWIND_GRACE)
 
+    def drain_grace(self) -> float:
+        """The unwind grace inside the drain phase: at most a quarter of what is left of the
+        teardown bound, so forcing (and quarantining) a drain that holds zombies still
+        leaves the models phase time to close the activity."""
+        now = time.monotonic()
+        return min(self.grace(), now + max(0.0, self.steps_deadline() - now) / 4)
+
     # -- waiting -------------------------------------------------------------------------
     async def wait_until(self, fut: asyncio.Future[Any], deadline: float) -> bool:
         """Wait for ``fut`` until ``deadline``; never cancels it. True when it finished."""

@@ -98,7 +98,8 @@ class Replay:
             self.close(str(arg))
         elif step.kind == "restart":
             await self.settle()
-            await self.start()
+            if not self.world.running():  # a restart is a start after the close ended
+                await self.start()
 
     def close(self, path: str) -> Request:
         """Issue one close request along ``path``; never waits for it."""

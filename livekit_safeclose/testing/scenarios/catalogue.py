@@ -14,7 +14,10 @@ from typing import Any, Literal
 from livekit.agents import Agent
 
 from ..fakes import FakeReply
-from ..fuzz.schedule import Schedule
+
+# FuzzSetup and Step: what the FUZZ_FOUND entries `livekit-safeclose fuzz` prints are built of
+from ..fuzz.schedule import Schedule, Step
+from ..fuzz.schedule import Setup as FuzzSetup
 from .agents import Ctx, HangingToolset, ScenarioAgent, StuckTask
 
 ClosePath = Literal["aclose", "shutdown", "disconnect", "error", "graceful"]
@@ -249,8 +252,37 @@ class FuzzFound:
     description: str = ""
 
 
-#: regression scenarios from the fuzzer, one per bug it found
-FUZZ_FOUND: tuple[FuzzFound, ...] = ()
+#: regression scenarios from the fuzzer, one per bug it found (its minimal schedule)
+FUZZ_FOUND: tuple[FuzzFound, ...] = (
+    FuzzFound(
+        "fuzz-stt-close-hang-tight-bound",
+        "STT close hangs, close_timeout too short for the model-close allowance",
+        Schedule(FuzzSetup(stt_close="hang"), ()),
+        description="With close_timeout=1.0 the forced aclose's model-close watchdog and the "
+        "phase bound fell on the same instant: the phase bound abandoned upstream's close "
+        "before the hung STT stream was stopped, and the final sweep no longer found the "
+        "stream (its creator was cancelled first): a provider connection and the turn "
+        "detector's tasks stayed open.",
+    ),
+    FuzzFound(
+        "fuzz-zombie-tool-tight-bound",
+        "tool swallowing CancelledError, default fuzz bounds (close_timeout=1.0)",
+        Schedule(FuzzSetup(), (Step("started"), Step("user", "tool:swallow"), Step("wait", 50),
+                               Step("close", "aclose"))),
+        description="Forcing and quarantining the zombie took two full unwind graces past the "
+        "drain bound, the whole teardown bound: the activity was never closed, leaving the "
+        "turn detector's tasks and the user-state timer behind.",
+    ),
+    FuzzFound(
+        "fuzz-graceful-stt-close-hang",
+        "graceful close whose STT stream close hangs",
+        Schedule(FuzzSetup(stt_close="hang"), (Step("started"), Step("close", "graceful"))),
+        description="A graceful close waited for the activity's close up to the phase bound, "
+        "where the phase bound abandoned it at the same instant: the hung stream was never "
+        "stopped, the turn detector's tasks leaked, and the report said forced without "
+        "saying escalated.",
+    ),
+)  # fmt: skip
 
 
 def _path_of(schedule: Schedule) -> ClosePath:
