@@ -350,11 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     run_e2e = sub.add_parser("_run_e2e", help=argparse.SUPPRESS)
     for a in run._actions[1:]:
         run_e2e._add_action(a)
+    _add_idle_report(sub)
     return parser
 
 
+def _add_idle_report(sub: Any) -> None:
+    from .worker.idle_report import add_arguments
+
+    add_arguments(sub.add_parser("idle-report", help="what a running worker's processes cost (memory, CPU)"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "idle-report":
+        from .worker.idle_report import run_command
+
+        return run_command(args, parser)
     if args.command == "_run":
         return _run_one_inprocess(args)
     if args.command == "_run_e2e":

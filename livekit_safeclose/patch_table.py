@@ -44,4 +44,47 @@ PATCHES: tuple[Patch, ...] = (
           "a goodbye that does not finish within graceful_timeout closes the session by force",
           if_present=True),
     # -- worker lifecycle (livekit_safeclose.worker) ------------------------------------
+    # the signal.signal tap is how every worker part sees the CLI's handler and the signal
+    Patch(frozenset({"signal_guard", "drain_availability", "bounded_drain_end"}), "signal", "signal",
+          "livekit_safeclose.worker.signals:tap",
+          "once the CLI set its SIGTERM/SIGINT handler it stays in charge: the signal marks the "
+          "worker draining; with signal_guard a later handler is recorded and run after the CLI's",
+          on_revert="livekit_safeclose.worker.signals:untap"),
+    Patch(frozenset({"signal_guard"}), "asyncio.unix_events:_UnixSelectorEventLoop", "add_signal_handler",
+          "livekit_safeclose.worker.signals:wrap_add_signal_handler",
+          "a SIGTERM/SIGINT loop callback runs too without displacing the CLI's handler; a "
+          "SystemExit it raises is logged instead of ending the loop",
+          on_revert="livekit_safeclose.worker.signals:guard_off"),
+    Patch(frozenset({"drain_availability"}), "livekit.agents.worker:AgentServer", "_is_available",
+          "livekit_safeclose.worker.availability:wrap_is_available",
+          "False from the moment the drain signal arrived"),
+    Patch(frozenset({"drain_availability"}), "livekit.agents.worker:AgentServer", "_update_worker_status",
+          "livekit_safeclose.worker.availability:wrap_update_worker_status",
+          "reports WS_FULL from the moment the drain signal arrived"),
+    Patch(frozenset({"drain_availability"}), "livekit.agents.job:JobRequest", "accept",
+          "livekit_safeclose.worker.availability:wrap_accept",
+          "a request accepted after the drain began is answered unavailable (reject_late_accepts)",
+          on_revert="livekit_safeclose.worker.servers:forget_all"),
+    Patch(frozenset({"bounded_drain_end"}), "livekit.agents.worker:AgentServer", "drain",
+          "livekit_safeclose.worker.drain_end:wrap_drain",
+          "its timeout (or, with force_close_on_second_signal, a second signal) forces the end "
+          "of the drain", on_revert="livekit_safeclose.worker.drain_end:reset"),
+    Patch(frozenset({"bounded_drain_end"}), "livekit.agents.worker:AgentServer", "aclose",
+          "livekit_safeclose.worker.drain_end:wrap_server_aclose",
+          "outside a CLI run, when it returns the forced-end state is reset for a later drain"),
+    Patch(frozenset({"bounded_drain_end"}), "livekit.agents.cli.cli", "_run_worker",
+          "livekit_safeclose.worker.drain_end:wrap_run_worker",
+          "when the CLI's worker run returns, the exit watchdog is cancelled and the forced-end "
+          "state reset"),
+    Patch(frozenset({"bounded_drain_end"}), "livekit.agents.ipc.supervised_proc:SupervisedProc", "aclose",
+          "livekit_safeclose.worker.drain_end:wrap_proc_aclose",
+          "once the drain is forced: the job is told why first, and its process killed if still "
+          "alive proc_close_bound(close_timeout) later"),
+    Patch(frozenset({"bounded_drain_end"}), "livekit.agents.ipc.job_proc_lazy_main:_JobProc", "_shutdown_job",
+          "livekit_safeclose.worker.job_shutdown:wrap_shutdown_job",
+          "a forced reason closes the session first, bounded, and skips the 15 s entrypoint wait; "
+          "every shutdown logs what the job process still runs"),
+    Patch(frozenset({"bounded_drain_end"}), "livekit.agents.ipc.job_proc_lazy_main", "_SESSION_ACLOSE_TIMEOUT",
+          "livekit_safeclose.worker.job_shutdown:session_guard",
+          "close_timeout + 1 s (upstream: 60 s)", refresh=True),
 )  # fmt: skip
