@@ -47,10 +47,18 @@ def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
 def force(close: BoundedClose, activity: Any) -> None:
     """Cancel the activity's unsettled tasks and its scheduling task, taking no lock and
     awaiting nothing: ``drain()`` holds the lock while it waits on exactly these."""
+    from livekit.agents.voice.agent import _get_activity_task_info
+
     tasks = unsettled_tasks(activity)
     if (sched := activity._scheduling_atask) is not None and not sched.done():
         tasks.append(sched)
     close.cancel(tasks)
+    for task in tasks:
+        # a speech task waits on helper tasks of its handle (authorization, playout) that its
+        # cancellation does not reach: they work for the session too
+        info = _get_activity_task_info(task)
+        if info is not None and info.speech_handle is not None:
+            close.io_objects.add(info.speech_handle)
 
 
 def quarantine(close: BoundedClose, activity: Any) -> None:

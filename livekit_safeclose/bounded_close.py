@@ -96,7 +96,8 @@ class BoundedClose:
         # weak: a finished close (kept on the session for its report) must not pin what
         # it touched; a task still running on an activity's behalf keeps it alive anyway
         self.activities: weakref.WeakSet[Any] = weakref.WeakSet()  # for the audit
-        self.io_objects: weakref.WeakSet[Any] = weakref.WeakSet()  # outputs, before detached
+        # outputs (before detached) and speech handles: their helper tasks work for the session
+        self.io_objects: weakref.WeakSet[Any] = weakref.WeakSet()
         self.cancelled_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.zombies: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.pending: list[asyncio.Future[Any]] = []  # abandoned steps

@@ -174,10 +174,16 @@ class _Failing(Exception):
 
 
 def shrink(
-    schedule: Schedule, choices: list[int], invariant: str, *, seconds: float = SHRINK_SECONDS
+    schedule: Schedule,
+    choices: list[int],
+    invariant: str,
+    *,
+    seconds: float = SHRINK_SECONDS,
+    detail: str = "",
 ) -> tuple[Schedule, list[str], int]:
-    """The smallest schedule hypothesis finds that still breaks ``invariant``, starting from
-    ``schedule`` (given as its ``choices``): (schedule, its violations, replays run)."""
+    """The smallest schedule hypothesis finds that still breaks ``invariant`` (with
+    ``detail`` in the violation, when given), starting from ``schedule`` (given as its
+    ``choices``): (schedule, its violations, replays run)."""
     from hypothesis import HealthCheck, Phase, given, settings
 
     from ..scenarios import load_vad
@@ -204,7 +210,7 @@ def shrink(
             return  # out of time: only the best so far still fails
         runs[0] += 1
         verdict = loop.run_until_complete(replay(candidate))
-        if invariant in verdict.invariants:
+        if any(v.invariant == invariant and detail in v.detail for v in verdict.violations):
             best.append((candidate, [str(v) for v in verdict.violations]))
             raise _Failing(invariant)
 

@@ -282,6 +282,16 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "stopped, the turn detector's tasks leaked, and the report said forced without "
         "saying escalated.",
     ),
+    FuzzFound(
+        "fuzz-graceful-goodbye-queued-reply",
+        "graceful close during start(), the caller hangs up, a second reply queued",
+        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "text"), Step("close", "graceful"),
+                               Step("hangup"), Step("user", "text"))),
+        description="The queued reply's speech task waits for its turn in a helper task of its "
+        "SpeechHandle (_wait_for_authorization); forcing the speech task at the graceful "
+        "bound does not reach that helper, and the layer did not count the handle as "
+        "working for the session: the task outlived the close.",
+    ),
 )  # fmt: skip
 
 
