@@ -110,9 +110,11 @@ def _open_only(violations: list[str]) -> bool:
 
 @pytest.mark.fuzz
 @pytest.mark.timeout(400)
-def test_fixed_seed_finds_no_failure() -> None:
+def test_fixed_seed_finds_no_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     """CI's run: a few hundred schedules of a fixed seed, each replayed on a real session;
-    every failure is listed with its schedule (unshrunk, to stay inside the budget)."""
+    every failure is listed with its schedule (unshrunk, to stay inside the budget). On a
+    loaded CI machine a failure counts only when two re-runs fail too."""
+    monkeypatch.setattr(engine, "CONFIRMATIONS", 2)
     t0 = time.monotonic()
     summary = engine.run(CI_SCHEDULES, CI_SEED, jobs=1, shrink=False)
     wall = time.monotonic() - t0
