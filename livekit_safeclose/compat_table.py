@@ -61,6 +61,15 @@ STREAM_LEDGER: tuple[R, ...] = (
     R("stream_ledger", "livekit.agents.tts:SynthesizeStream", "_task", "init_attr"),
     R("stream_ledger", "livekit.agents.tts:ChunkedStream", "_synthesize_task", "init_attr"),
     R("stream_ledger", "livekit.agents.llm:LLMStream", "_task", "init_attr"),
+    R("stream_ledger", "livekit.agents.llm:RealtimeSession", "__init__", "method"),
+    # the OpenAI plugin's main task; without it the ledger finds the task working for the session
+    R(
+        "stream_ledger",
+        "livekit.plugins.openai.realtime:RealtimeSession",
+        "_main_atask",
+        "init_attr",
+        optional=True,
+    ),
 )
 
 # Worker parts (livekit_safeclose.worker). Public API they only call (AgentServer.draining,

@@ -39,6 +39,8 @@ PATCHES: tuple[Patch, ...] = (
           "registers the stream in the ledger until its main task ends"),
     Patch(LEDGER, "livekit.agents.llm:LLMStream", "__init__", "livekit_safeclose.streams:llm_init",
           "registers the stream in the ledger until its main task ends"),
+    Patch(LEDGER, "livekit.agents.llm:RealtimeSession", "__init__", "livekit_safeclose.streams:realtime_init",
+          "registers the realtime session in the ledger (one loop turn later) until its main task ends"),
     Patch(CORE, "livekit.agents.beta.tools.end_call:EndCallTool", "_end_call",
           "livekit_safeclose.end_call:wrap_end_call",
           "a goodbye that does not finish within graceful_timeout closes the session by force",
