@@ -189,13 +189,14 @@ async def _graceful(close: BoundedClose, activity: Any, original: Method) -> asy
     return None
 
 
-def _sweep_at(close: BoundedClose, start: float, allowance: float) -> float:
+def _sweep_at(close: BoundedClose, start: float, allowance: float, reserve: float = 0.0) -> float:
     """When a model close still running is helped by stopping the session's streams from
     outside: after the final-transcript wait plus ``allowance``, and early enough before the
-    phase's own bound that the activity's teardown can still finish after the sweep."""
-    room = max(0.0, close.steps_deadline() - start - close.transcript_timeout)
-    cap = close.steps_deadline() - min(UNWIND_GRACE, room / 2)
-    return min(cap, start + close.transcript_timeout + allowance)
+    phase's own bound (less ``reserve``) that the activity's teardown can still finish
+    after the sweep."""
+    bound = close.steps_deadline() - reserve
+    room = max(0.0, bound - start - close.transcript_timeout)
+    return min(bound - min(UNWIND_GRACE, room / 2), start + close.transcript_timeout + allowance)
 
 
 async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
@@ -211,7 +212,7 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
         close.record("activity.lock", time.monotonic(), "timeout", "held by an abandoned drain: a fresh lock")
     start = time.monotonic()
     inner = asyncio.ensure_future(original(activity))
-    first = _sweep_at(close, start, MODEL_CLOSE_ALLOWANCE)
+    first = _sweep_at(close, start, MODEL_CLOSE_ALLOWANCE, reserve=COMPLETE_RESERVE)
     if not await close.wait_until(inner, first):
         await close.sweep_streams(activity._session, close.grace())
         # what an abandoned aclose did not reach (the audio recognition: upstream closes it
@@ -233,7 +234,11 @@ async def _complete(close: BoundedClose, activity: Any, abandoned: asyncio.Futur
     upstream closes it only after the realtime session), the activity's own tasks, and the
     agent's link to the activity (a restart with the same agent needs it cleared)."""
     recognition = activity._audio_recognition
-    if recognition is not None and not _inside(abandoned, recognition):
+    if recognition is not None:
+        if _inside(abandoned, recognition):
+            # abandoning cancelled the recognition's own close midway (before it closed the
+            # turn detector's stream): once that unwound, the close is run again for the rest
+            await close.wait_until(abandoned, close.grace())
         await close.step("audio_recognition.aclose", close_recognition(recognition), deadline=close.grace())
     rest = unsettled_tasks(activity)
     if (sched := activity._scheduling_atask) is not None:

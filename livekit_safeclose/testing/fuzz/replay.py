@@ -187,7 +187,11 @@ class Replay:
         for step in self.schedule.steps:
             await self.step(step)
         await self.settle()
-        open_after_requests = self.world.running() and any(
+        # the session lock alone does not count: an abandoned close parked on a zombie
+        # holds it (reported as stuck); the session itself must be closed
+        session = self.world.session
+        still_open = bool(session._started) or session._activity is not None
+        open_after_requests = still_open and any(
             r.running for r in self._since_last_start() if r.path != "teardown"
         )
         if self.world.running():
