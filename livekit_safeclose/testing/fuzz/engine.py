@@ -204,7 +204,7 @@ def shrink(
     loop = asyncio.new_event_loop()
 
     @settings(
-        database=_OneExample(choices),
+        database=_example_database(choices),
         phases=[Phase.reuse, Phase.shrink],
         max_examples=10_000,
         deadline=None,
@@ -238,13 +238,15 @@ def shrink(
     return minimal, violations, runs[0]
 
 
-def _one_example_db(blob: bytes) -> Any:
-    from hypothesis.database import ExampleDatabase
+def _example_database(choices: list[int]) -> Any:
+    """A hypothesis example database holding one failing example, offered as a not yet
+    shrunk one (hypothesis's secondary corpus: a primary entry would be taken as shrunk
+    already). It stores nothing."""
+    from hypothesis.database import ExampleDatabase, choices_to_bytes
+
+    blob = choices_to_bytes(choices)
 
     class OneExample(ExampleDatabase):
-        """Offers one failing example as a not-yet-shrunk one (hypothesis's secondary
-        corpus: a primary entry would be taken as shrunk already). Stores nothing."""
-
         def fetch(self, key: bytes) -> Iterator[bytes]:
             if key.endswith(b".secondary"):
                 yield blob
@@ -259,12 +261,6 @@ def _one_example_db(blob: bytes) -> Any:
             pass
 
     return OneExample()
-
-
-def _OneExample(choices: list[int]) -> Any:
-    from hypothesis.database import choices_to_bytes
-
-    return _one_example_db(choices_to_bytes(choices))
 
 
 def _run_workers(
