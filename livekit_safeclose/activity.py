@@ -127,6 +127,11 @@ def wrap_drain(original: Method, _options: Any) -> Method:
         except asyncio.CancelledError:
             inner.cancel()
             raise
+        if forced and not self._scheduling_paused:
+            # drain() awaits on_exit before it pauses scheduling: cancelled there, it never
+            # paused it, and a last user turn the close's flush commits would then take the
+            # running path (a reply the close cancels) instead of landing in the history
+            self._scheduling_paused = True
         if not inner.done():
             # a zombie keeps drain() parked, and the lock with it
             close.held_by_abandoned_drain.add(id(self))

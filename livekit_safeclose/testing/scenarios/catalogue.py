@@ -292,6 +292,16 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "bound does not reach that helper, and the layer did not count the handle as "
         "working for the session: the task outlived the close.",
     ),
+    FuzzFound(
+        "fuzz-forced-on-exit-last-words",
+        "forced close while a slow on_exit runs; the caller's last words arrive on the flush",
+        Schedule(FuzzSetup(on_exit="slow", final_on_flush=True), ()),
+        vanilla_hangs=False,
+        description="drain() awaits on_exit before it pauses scheduling; forced there, it never "
+        "paused it, so the last words the close's flush committed took the running path (a "
+        "reply, cancelled by the close) instead of landing in the history. Vanilla, which "
+        "waits for on_exit, keeps them.",
+    ),
 )  # fmt: skip
 
 
