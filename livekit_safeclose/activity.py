@@ -211,6 +211,10 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     await close.settle("tools.cancel", tool_tasks(activity))
     quarantine(close, activity)
     spare_waiters(close, activity)
+    if close.abandoned_in == "drain" and activity._lock.locked():
+        # upstream's close was abandoned in its drain, and that drain, parked on a zombie,
+        # still holds the lock: the same as a drain this wrapper abandoned itself
+        close.held_by_abandoned_drain.add(id(activity))
     if id(activity) in close.held_by_abandoned_drain:
         # the abandoned drain keeps the old lock; the close goes on without it
         activity._lock = asyncio.Lock()

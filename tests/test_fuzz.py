@@ -95,15 +95,9 @@ KNOWN_OPEN = (
     # stays parked waiting for authorization after the close
     "in _wait_for_authorization",
     "in _wait_for_scheduled",
-    # the caller's last words, transcribed during a forced close whose drain was forced,
-    # never reach the history (vanilla, unforced, commits them)
-    "transcript:",
     # the turn detector's tasks outlive a close whose teardown bound was used up
     "channel.py:106 in recv",
     "AgentSession._update_user_state",
-    # an activity (an AgentTask's, entered while the close ran) is still attached to the
-    # session after the close ended
-    "session-open:",
 )
 
 

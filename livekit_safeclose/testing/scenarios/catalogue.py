@@ -302,6 +302,15 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "reply, cancelled by the close) instead of landing in the history. Vanilla, which "
         "waits for on_exit, keeps them.",
     ),
+    FuzzFound(
+        "fuzz-zombie-on-exit-shutdown",
+        "on_exit swallowing CancelledError, shutdown(drain=False)",
+        Schedule(FuzzSetup(on_exit="swallow"), (Step("started"), Step("close", "shutdown"))),
+        description="Upstream's close was abandoned in its drain, whose zombie on_exit keeps "
+        "the activity lock: the activity's own close then waited for that lock until it was "
+        "abandoned too, so the activity was never closed and stayed attached to the closed "
+        "session (session._activity).",
+    ),
 )  # fmt: skip
 
 
