@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import toolsets
 from .adapters import close_recognition, forget_tool_tasks, tool_tasks
-from .bounded_close import MODEL_CLOSE_ALLOWANCE, BoundedClose, closing_of
+from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
 from .report import StepOutcome
 from .stacks import frames
 
@@ -51,10 +52,18 @@ def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
 def force(close: BoundedClose, activity: Any) -> None:
     """Cancel the activity's unsettled tasks and its scheduling task, taking no lock and
     awaiting nothing: ``drain()`` holds the lock while it waits on exactly these."""
+    from livekit.agents.voice.agent import _get_activity_task_info
+
     tasks = unsettled_tasks(activity) + toolsets.tool_tasks(activity)  # a speech waits on these too
     if (sched := activity._scheduling_atask) is not None and not sched.done():
         tasks.append(sched)
     close.cancel(tasks)
+    for task in tasks:
+        # a speech task waits on helper tasks of its handle (authorization, playout) that its
+        # cancellation does not reach: they work for the session too
+        info = _get_activity_task_info(task)
+        if info is not None and info.speech_handle is not None:
+            close.io_objects.add(info.speech_handle)
 
 
 def quarantine(close: BoundedClose, activity: Any) -> None:
@@ -91,11 +100,11 @@ async def settle_drain_phase(close: BoundedClose, activities: list[Any], fut: as
     left its drain phase)."""
     for act in activities:
         force(close, act)
-    if await close.wait_phase_change(fut, "drain", close.grace()):
+    if await close.wait_phase_change(fut, "drain", close.drain_grace()):
         return True
     for act in activities:
         quarantine(close, act)
-    return await close.wait_phase_change(fut, "drain", close.grace())
+    return await close.wait_phase_change(fut, "drain", close.drain_grace())
 
 
 def wrap_drain(original: Method, _options: Any) -> Method:
@@ -114,12 +123,17 @@ def wrap_drain(original: Method, _options: Any) -> Method:
             if not await close.wait_phase(inner, drain=True):
                 forced = True
                 force(close, self)
-                if not await close.wait_until(inner, close.grace()):
+                if not await close.wait_until(inner, close.drain_grace()):
                     quarantine(close, self)
-                    await close.wait_until(inner, close.grace())
+                    await close.wait_until(inner, close.drain_grace())
         except asyncio.CancelledError:
             inner.cancel()
             raise
+        if forced and not self._scheduling_paused:
+            # drain() awaits on_exit before it pauses scheduling: cancelled there, it never
+            # paused it, and a last user turn the close's flush commits would then take the
+            # running path (a reply the close cancels) instead of landing in the history
+            self._scheduling_paused = True
         if not inner.done():
             # a zombie keeps drain() parked, and the lock with it
             close.held_by_abandoned_drain.add(id(self))
@@ -172,11 +186,24 @@ async def _graceful(close: BoundedClose, activity: Any, original: Method) -> asy
     spare_waiters(close, activity)
     start = time.monotonic()
     inner = asyncio.ensure_future(original(activity))
-    if not await close.wait_until(inner, close.steps_deadline()):
-        close.abandon("activity.aclose", inner, start)
-        return inner
+    if not await close.wait_until(inner, _sweep_at(close, start, math.inf)):
+        close.escalate("close_timeout")
+        await close.sweep_streams(activity._session, close.grace())
+        if not await close.wait_until(inner, close.grace()):
+            close.abandon("activity.aclose", inner, start)
+            return inner
     close.record("activity.aclose", start, *_outcome(inner))
     return None
+
+
+def _sweep_at(close: BoundedClose, start: float, allowance: float, reserve: float = 0.0) -> float:
+    """When a model close still running is helped by stopping the session's streams from
+    outside: after the final-transcript wait plus ``allowance``, and early enough before the
+    phase's own bound (less ``reserve``) that the activity's teardown can still finish
+    after the sweep."""
+    bound = close.steps_deadline() - reserve
+    room = max(0.0, bound - start - close.transcript_timeout)
+    return min(bound - min(UNWIND_GRACE, room / 2), start + close.transcript_timeout + allowance)
 
 
 async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
@@ -188,13 +215,17 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     quarantine(close, activity)
     toolsets.forget(activity, close.zombies)
     spare_waiters(close, activity)
+    if close.abandoned_in == "drain" and activity._lock.locked():
+        # upstream's close was abandoned in its drain, and that drain, parked on a zombie,
+        # still holds the lock: the same as a drain this wrapper abandoned itself
+        close.held_by_abandoned_drain.add(id(activity))
     if id(activity) in close.held_by_abandoned_drain:
         # the abandoned drain keeps the old lock; the close goes on without it
         activity._lock = asyncio.Lock()
         close.record("activity.lock", time.monotonic(), "timeout", "held by an abandoned drain: a fresh lock")
     start = time.monotonic()
     inner = asyncio.ensure_future(original(activity))
-    first = min(close.steps_deadline(), start + close.transcript_timeout + MODEL_CLOSE_ALLOWANCE)
+    first = _sweep_at(close, start, MODEL_CLOSE_ALLOWANCE, reserve=COMPLETE_RESERVE)
     if not await close.wait_until(inner, first):
         await close.sweep_streams(activity._session, close.grace())
         # what an abandoned aclose did not reach (the audio recognition: upstream closes it
@@ -216,7 +247,11 @@ async def _complete(close: BoundedClose, activity: Any, abandoned: asyncio.Futur
     upstream closes it only after the realtime session), the activity's own tasks, and the
     agent's link to the activity (a restart with the same agent needs it cleared)."""
     recognition = activity._audio_recognition
-    if recognition is not None and not _inside(abandoned, recognition):
+    if recognition is not None:
+        if _inside(abandoned, recognition):
+            # abandoning cancelled the recognition's own close midway (before it closed the
+            # turn detector's stream): once that unwound, the close is run again for the rest
+            await close.wait_until(abandoned, close.grace())
         await close.step("audio_recognition.aclose", close_recognition(recognition), deadline=close.grace())
     rest = unsettled_tasks(activity)
     if (sched := activity._scheduling_atask) is not None:

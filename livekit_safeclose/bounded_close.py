@@ -96,7 +96,8 @@ class BoundedClose:
         # weak: a finished close (kept on the session for its report) must not pin what
         # it touched; a task still running on an activity's behalf keeps it alive anyway
         self.activities: weakref.WeakSet[Any] = weakref.WeakSet()  # for the audit
-        self.io_objects: weakref.WeakSet[Any] = weakref.WeakSet()  # outputs, before detached
+        # outputs (before detached) and speech handles: their helper tasks work for the session
+        self.io_objects: weakref.WeakSet[Any] = weakref.WeakSet()
         self.cancelled_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.zombies: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self.pending: list[asyncio.Future[Any]] = []  # abandoned steps
@@ -202,6 +203,13 @@ class BoundedClose:
     def grace(self) -> float:
         """A deadline one unwind grace from now, never past the teardown bound."""
         return min(self.steps_deadline(), time.monotonic() + UNWIND_GRACE)
+
+    def drain_grace(self) -> float:
+        """The unwind grace inside the drain phase: at most a quarter of what is left of the
+        teardown bound, so forcing (and quarantining) a drain that holds zombies still
+        leaves the models phase time to close the activity."""
+        now = time.monotonic()
+        return min(self.grace(), now + max(0.0, self.steps_deadline() - now) / 4)
 
     # -- waiting -------------------------------------------------------------------------
     async def wait_until(self, fut: asyncio.Future[Any], deadline: float) -> bool:

@@ -40,6 +40,7 @@ CORE: tuple[R, ...] = (
     R("core", ACTIVITY, "_closed", "init_attr"),
     R("core", ACTIVITY, "_speech_tasks", "init_attr"),
     R("core", ACTIVITY, "_scheduling_atask", "init_attr"),
+    R("core", ACTIVITY, "_scheduling_paused", "init_attr"),
     R("core", ACTIVITY, "_tool_executor", "init_attr"),
     R("core", ACTIVITY, "_audio_recognition", "init_attr"),
     R("core", ACTIVITY, "_add_drain_blocked_tasks", "method"),

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import report as report_mod
+from . import streams as streams_mod
 from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
@@ -53,6 +54,9 @@ async def finish(
         await _close_activities(session, close)
         if close.was_started and not close.close_emitted:
             _emit_close(session, close, reason=reason, error=error)
+        # a stream is matched to its session through its creator's await chain: before the
+        # leftovers (the creators among them) are cancelled, or the sweep cannot find it
+        streams_mod.streams_of(session)
         await _stop_leftover_tasks(session, close)
         await _run_finishers(session, close)
         if close.options.close_models:

@@ -234,6 +234,7 @@ async def _watch(session: Any, close: BoundedClose) -> None:
             if await settle_drain_phase(close, acts, upstream):
                 continue
         close.abandoned_in = close.phase
+        close.escalate("close_timeout")  # a graceful close cut at its bound is a forced one now
         close.abandon(f"AgentSession._aclose_impl ({close.phase})", upstream, close.t0)
         return
     if not upstream.cancelled() and (exc := upstream.exception()) is not None:

