@@ -94,7 +94,9 @@ async def _closed_event(ctx: Ctx) -> None:
     closing task that was already done is a stale one (upstream never resets it)."""
     assert ctx.session is not None
     close = closing_of(ctx.session, live_only=False)
-    task = close.task if close is not None else ctx.session._closing_task
+    task = close.task if close is not None else None
+    if task is None or task.done():  # no layer, or the last close's (a restarted session)
+        task = ctx.session._closing_task
     live = task is not None and not task.done()
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(ctx.extra["closed"].wait())}
     if live:
