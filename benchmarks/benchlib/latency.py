@@ -31,9 +31,9 @@ def _ratios(van: dict[str, float], lay: dict[str, float]) -> dict[str, float]:
 
 
 async def run(mode: str, quick: bool) -> dict[str, Any]:
-    n = 60 if quick else 500
+    n = 40 if quick else 500
     batch = 10 if quick else 25
-    warmup = 5 if quick else 20
+    warmup = 3 if quick else 20
     ms: dict[str, dict[Mode, list[float]]] = {c: {"vanilla": [], "layer": []} for c in CONFIGS}
     forced_n = dict.fromkeys(CONFIGS, 0)
     not_closed = 0
