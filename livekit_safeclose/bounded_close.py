@@ -219,11 +219,32 @@ class BoundedClose:
         return min(self.steps_deadline(), time.monotonic() + UNWIND_GRACE)
 
     # -- waiting -------------------------------------------------------------------------
+    async def _first(self, futs: tuple[asyncio.Future[Any], ...], deadline: float) -> None:
+        """Until one of ``futs`` is done or ``deadline`` passed; cancels none of them. What
+        ``asyncio.wait(..., return_when=FIRST_COMPLETED)`` does, with one future and one
+        timer (every wait of every close goes through here)."""
+        loop = self._loop
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: Any = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        for f in futs:
+            f.add_done_callback(wake)
+        timer = None if math.isinf(deadline) else loop.call_later(self.left(deadline), wake)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for f in futs:
+                f.remove_done_callback(wake)
+
     async def wait_until(self, fut: asyncio.Future[Any], deadline: float) -> bool:
         """Wait for ``fut`` until ``deadline``; never cancels it. True when it finished."""
         if not fut.done():
-            timeout = None if math.isinf(deadline) else self.left(deadline)
-            await asyncio.wait({fut}, timeout=timeout)
+            await self._first((fut,), deadline)
         return fut.done()
 
     async def wait_phase(self, fut: asyncio.Future[Any], *, drain: bool = False) -> bool:
@@ -233,9 +254,7 @@ class BoundedClose:
         which = 1 if drain else 0
         while not fut.done():
             changed = self._changed
-            deadline = self._bounds()[which]
-            timeout = None if math.isinf(deadline) else self.left(deadline)
-            await asyncio.wait({fut, changed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await self._first((fut, changed), self._bounds()[which])
             if fut.done():
                 break
             if not changed.done() and self._bounds()[which] <= time.monotonic():
@@ -249,7 +268,7 @@ class BoundedClose:
             if self._phase_moved is None:
                 self._phase_moved = self._loop.create_future()
             moved = self._phase_moved
-            await asyncio.wait({fut, moved}, timeout=self.left(deadline), return_when=asyncio.FIRST_COMPLETED)
+            await self._first((fut, moved), deadline)
             if not fut.done() and not moved.done():
                 return False
         return True

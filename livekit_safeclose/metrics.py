@@ -127,17 +127,29 @@ def record_close(report: CloseReport, zombies: Iterable[asyncio.Task[Any]] = ())
     if _prom is None:
         return
     result = outcome(report)
-    CLOSES.labels(outcome=result, reason=report.reason).inc()
-    CLOSE_DURATION.labels(outcome=result).observe(report.duration_ms / 1000)
+    _child(CLOSES, result, report.reason).inc()
+    _child(CLOSE_DURATION, result).observe(report.duration_ms / 1000)
     if result == "clean":
         return
     for stuck in report.stuck:
-        STUCK.labels(kind=stuck_kind(stuck)).inc()
+        _child(STUCK, stuck_kind(stuck)).inc()
     for task in zombies:
         if not task.done() and task not in _zombies:
             _zombies.add(task)
             task.add_done_callback(_zombie_ended)
     ZOMBIES.set(_live_zombies())
+
+
+#: labelled children already made: ``labels()`` validates and locks on every call
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *values: str) -> Any:
+    key = (metric, *values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
 
 
 def _live_zombies() -> int:
@@ -156,13 +168,13 @@ def zombie_tasks() -> int:
 def stream_opened(kind: str) -> None:
     """The stream ledger registered a stream of ``kind``."""
     if _prom is not None:
-        OPEN_STREAMS.labels(kind=kind).inc()
+        _child(OPEN_STREAMS, kind).inc()
 
 
 def stream_closed(kind: str) -> None:
     """A stream the ledger registered ended."""
     if _prom is not None:
-        OPEN_STREAMS.labels(kind=kind).dec()
+        _child(OPEN_STREAMS, kind).dec()
 
 
 def forget_process(pid: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 import weakref
 from collections.abc import Callable, Coroutine
@@ -32,6 +33,8 @@ from .ownership import activities_of, note_started, outputs_of
 from .report import logger
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
+
+_ONE_ARG = inspect.Signature([inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 
 
 def _label(session: Any) -> str:
@@ -208,6 +211,8 @@ async def _closing_main(
         close.close_emitted = True
         close.enter_phase("after")
 
+    # upstream's EventEmitter reads every listener's signature on every emit: given, it is free
+    setattr(_on_close, "__signature__", _ONE_ARG)  # noqa: B010
     session.on("close", _on_close)
     try:
         await _wait_for_start(session, close)
