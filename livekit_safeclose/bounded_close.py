@@ -87,9 +87,14 @@ class BoundedClose:
         self.phase: Phase = "drain"
         self._phase_started = self.t0
         self._phases: dict[str, float] = {"drain": 0.0}
-        # replaced (and the old one set) whenever a deadline or the phase moves: every
-        # waiter holds the event it started with, so one waking waiter cannot hide it
-        self._changed = asyncio.Event()
+        # replaced (and the old one resolved) whenever a bound moves earlier, and the phase
+        # one whenever the phase moves: every waiter holds the future it started with, so
+        # one waking waiter cannot hide it. Plain futures, not Events: waiting on one needs
+        # no task of its own. A bound that moves later wakes nobody: a waiter that times
+        # out re-reads its bound before it gives up
+        self._loop = asyncio.get_running_loop()
+        self._changed: asyncio.Future[None] = self._loop.create_future()
+        self._phase_moved: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None  # the shared closing task
         self.upstream: asyncio.Future[None] | None = None  # upstream's close, watched
         self.waiters: set[asyncio.Task[Any]] = set()  # tasks awaiting the close: spared
@@ -126,7 +131,7 @@ class BoundedClose:
         elif options.graceful_timeout is not None:
             # a goodbye into a caller who already hung up never plays out: past this bound
             # the graceful close becomes a forced one
-            self._graceful_timer = asyncio.get_running_loop().call_later(
+            self._graceful_timer = self._loop.call_later(
                 options.graceful_timeout, self.escalate, "graceful_timeout"
             )
 
@@ -167,16 +172,26 @@ class BoundedClose:
         if phase == self.phase:
             return
         now = time.monotonic()
+        before = self._bounds()
         self.phase, self._phase_started = phase, now
         self._phases.setdefault(phase, round((now - self.t0) * 1000, 1))
         if math.isinf(self.close_deadline):
             self.close_deadline = now + self.options.close_timeout
             self.drain_deadline = now
-        self._notify()
+        after = self._bounds()
+        if after[0] < before[0] or after[1] < before[1]:
+            self._notify()
+        if self._phase_moved is not None:
+            moved, self._phase_moved = self._phase_moved, None
+            moved.set_result(None)
 
     def _notify(self) -> None:
-        old, self._changed = self._changed, asyncio.Event()
-        old.set()
+        old, self._changed = self._changed, self._loop.create_future()
+        old.set_result(None)
+
+    def _bounds(self) -> tuple[float, float]:
+        """What waiters wait until: the bound of the current phase, and the drain bound."""
+        return self.phase_deadline(), math.inf if self.graceful else self.drain_deadline
 
     def steps_deadline(self) -> float:
         """Where every teardown step must have ended."""
@@ -212,29 +227,45 @@ class BoundedClose:
         return min(self.grace(), now + max(0.0, self.steps_deadline() - now) / 4)
 
     # -- waiting -------------------------------------------------------------------------
+    async def _first(self, futs: tuple[asyncio.Future[Any], ...], deadline: float) -> None:
+        """Until one of ``futs`` is done or ``deadline`` passed; cancels none of them. What
+        ``asyncio.wait(..., return_when=FIRST_COMPLETED)`` does, with one future and one
+        timer (every wait of every close goes through here)."""
+        loop = self._loop
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: Any = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        for f in futs:
+            f.add_done_callback(wake)
+        timer = None if math.isinf(deadline) else loop.call_later(self.left(deadline), wake)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for f in futs:
+                f.remove_done_callback(wake)
+
     async def wait_until(self, fut: asyncio.Future[Any], deadline: float) -> bool:
         """Wait for ``fut`` until ``deadline``; never cancels it. True when it finished."""
         if not fut.done():
-            timeout = None if math.isinf(deadline) else self.left(deadline)
-            await asyncio.wait({fut}, timeout=timeout)
+            await self._first((fut,), deadline)
         return fut.done()
 
     async def wait_phase(self, fut: asyncio.Future[Any], *, drain: bool = False) -> bool:
         """Wait for ``fut`` under the current phase's bound (``drain``: the drain bound,
         whatever the phase), re-reading it whenever it moves (an escalation, a new
         phase). True when ``fut`` finished, False when the bound passed."""
+        which = 1 if drain else 0
         while not fut.done():
             changed = self._changed
-            deadline = (
-                (math.inf if self.graceful else self.drain_deadline) if drain else self.phase_deadline()
-            )
-            waiter = asyncio.ensure_future(changed.wait())
-            try:
-                timeout = None if math.isinf(deadline) else self.left(deadline)
-                await asyncio.wait({fut, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-            if not fut.done() and not changed.is_set():
+            await self._first((fut, changed), self._bounds()[which])
+            if fut.done():
+                break
+            if not changed.done() and self._bounds()[which] <= time.monotonic():
                 return False
         return True
 
@@ -242,15 +273,11 @@ class BoundedClose:
         """Wait until ``fut`` finished or the close left ``phase``, at most until
         ``deadline``. True when either happened."""
         while not fut.done() and self.phase == phase:
-            changed = self._changed
-            waiter = asyncio.ensure_future(changed.wait())
-            try:
-                await asyncio.wait(
-                    {fut, waiter}, timeout=self.left(deadline), return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                waiter.cancel()
-            if not fut.done() and not changed.is_set():
+            if self._phase_moved is None:
+                self._phase_moved = self._loop.create_future()
+            moved = self._phase_moved
+            await self._first((fut, moved), deadline)
+            if not fut.done() and not moved.done():
                 return False
         return True
 

@@ -73,7 +73,7 @@ async def finish(
         session._closing_task = None
         close.end()
         session.off("close", on_close)
-        report_mod.emit(session, close.report(completed=completed))
+        report_mod.emit(session, close.report(completed=completed), close.zombies)
 
 
 async def _close_activities(session: Any, close: BoundedClose) -> None:

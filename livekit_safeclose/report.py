@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -108,9 +109,18 @@ def _store(session: Any, report: CloseReport) -> None:
     _reports[session] = report
 
 
-def emit(session: Any, report: CloseReport) -> None:
-    """Store the report and log it: one structured WARNING when anything was forced."""
+def emit(session: Any, report: CloseReport, zombies: Iterable[asyncio.Task[Any]] = ()) -> None:
+    """Store the report and publish it: one structured WARNING when anything was forced,
+    the Prometheus metrics, and (forced) the OpenTelemetry span. ``zombies``: the tasks the
+    close left running that swallowed its cancellation."""
     _store(session, report)
+    try:
+        from . import metrics, tracing
+
+        metrics.record_close(report, zombies)
+        tracing.record_close(report)
+    except Exception:  # telemetry must never break a close
+        logger.exception("could not publish the close report")
     if report.forced or report.abandoned or report.streams_left_open:
         logger.warning(
             "session close was forced: %s",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 import weakref
 from collections.abc import Callable, Coroutine
@@ -34,6 +35,8 @@ from .patch_table import PATCHES
 from .report import logger
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
+
+_ONE_ARG = inspect.Signature([inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 
 
 def _label(session: Any) -> str:
@@ -211,6 +214,8 @@ async def _closing_main(
         close.close_emitted = True
         close.enter_phase("after")
 
+    # upstream's EventEmitter reads every listener's signature on every emit: given, it is free
+    setattr(_on_close, "__signature__", _ONE_ARG)  # noqa: B010
     session.on("close", _on_close)
     try:
         await _wait_for_start(session, close)

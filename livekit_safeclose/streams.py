@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import stacks
+from . import metrics, stacks
 from .ownership import noted_sessions, objects_of
 
 #: the stream base classes the ledger wraps, and the kind each counts as
@@ -105,6 +105,7 @@ def _track(
     if owner is not None:
         _sessions.add(owner)
     key = id(stream)
+    fresh = key not in _open
     _open[key] = OpenStream(
         stream,
         kind,
@@ -112,11 +113,14 @@ def _track(
         weakref.ref(owner) if owner is not None else None,
         weakref.ref(creator) if creator is not None else None,
     )
+    if fresh:
+        metrics.stream_opened(kind)
 
     def _closed(_: asyncio.Task[Any], key: int = key, stream: Any = stream) -> None:
         entry = _open.get(key)
         if entry is not None and entry.stream is stream:
             del _open[key]
+            metrics.stream_closed(entry.kind)
 
     task.add_done_callback(_closed)
 

@@ -6,27 +6,39 @@ make the suite flaky on a loaded CI machine. The fast sections only, in quick mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+RESULTS = RUN.parent / "results"
 
 
-@pytest.mark.timeout(60)
+def _run_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(150)
 def test_quick_fast_sections_print_the_table_and_write_the_json(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
     proc = subprocess.run(
         [sys.executable, str(RUN), "--quick", "--only", "latency,quiet", "--out", str(out)],
-        capture_output=True, text=True, timeout=55,
+        capture_output=True, text=True, timeout=140,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "| measure | vanilla | layer | target | result |"
     assert any(ln.startswith("| healthy close median, ms") for ln in lines)
+    assert any(ln.startswith("| healthy close at the floor") for ln in lines)
     assert any("caused by the closed sessions" in ln for ln in lines)
 
     doc = json.loads(out.read_text())
@@ -36,8 +48,33 @@ def test_quick_fast_sections_print_the_table_and_write_the_json(tmp_path: Path) 
     for mode in ("vanilla", "layer"):
         assert {"n", "median_ms", "p99_ms", "max_ms"} <= set(lat[mode])
     assert {"median", "p99"} <= set(lat["ratios"]) and "forced" in lat["layer"]
+    assert lat["floor"]["transcript_timeout_s"] == 0.0
+    assert {"median", "p99"} <= set(lat["floor"]["ratios"]) and "forced" in lat["floor"]["layer"]
     for mode in ("vanilla", "layer"):
         q = doc["quiet"][mode]
         assert {"baseline", "after_close", "attributable_wakeups"} <= set(q)
         assert {"wakeups", "top_callbacks"} <= set(q["after_close"])
     assert {"latency_median_ratio", "latency_p99_ratio", "quiet"} <= set(doc["targets"])
+    assert {"latency_floor_median_ratio", "latency_floor_p99_ratio"} <= set(doc["targets"])
+
+
+def test_only_a_full_run_writes_the_committed_results() -> None:
+    run = _run_module()
+    full = list(run.SECTIONS)
+    assert run.default_out(full, quick=False) == RESULTS / "latest.json"
+    assert run.default_out(full, quick=True) == RESULTS / "partial" / ("-".join(full) + "-quick.json")
+    assert run.default_out(["latency", "quiet"], quick=False) == RESULTS / "partial" / "latency-quiet.json"
+    assert run.default_out(["churn"], quick=True) == RESULTS / "partial" / "churn-quick.json"
+
+
+@pytest.mark.timeout(60)
+def test_a_partial_run_refuses_to_overwrite_the_committed_results() -> None:
+    latest = RESULTS / "latest.json"
+    before = latest.read_bytes() if latest.exists() else None
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--only", "quiet", "--out", str(latest)],
+        capture_output=True, text=True, timeout=55,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "never writes" in proc.stderr, proc.stderr
+    assert "running" not in proc.stderr  # refused before any section ran
+    assert (latest.read_bytes() if latest.exists() else None) == before

@@ -145,13 +145,15 @@ class Opened:
     closes: int = 0
 
 
-async def open_session(fault: Scenario | None, *, turn: bool = True) -> Opened:
+async def open_session(
+    fault: Scenario | None, *, turn: bool = True, transcript_timeout: float = TRANSCRIPT_TIMEOUT
+) -> Opened:
     """A roomless session on the fakes with the shared Silero VAD. Healthy (``fault`` is
     None): one full reply turn when ``turn``, so LLM and TTS streams were used. Faulty:
     the scenario's setup and trigger, until the fault is engaged."""
     ctx = Ctx()
     agent = await fault.setup(ctx) if fault is not None else ScenarioAgent(ctx)
-    session = ctx.session = make_session(ctx, load_vad(), transcript_timeout=TRANSCRIPT_TIMEOUT)
+    session = ctx.session = make_session(ctx, load_vad(), transcript_timeout=transcript_timeout)
     opened = Opened(ctx, session, fault)
 
     def _on_close(_: Any) -> None:
