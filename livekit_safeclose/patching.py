@@ -51,6 +51,9 @@ class Patch:
     on_revert: str | None = None
     #: the owner exists only on some releases (a beta tool): skipped where it is absent
     if_present: bool = False
+    #: ``"difference:form"`` (see :mod:`.compat`): applied only where the installed release
+    #: has that form of the difference
+    shape: str | None = None
 
     @property
     def target(self) -> str:
@@ -93,6 +96,12 @@ def _make(row: Patch, owner: Any, options: Options) -> tuple[Any, Any]:
 
 
 def _apply_row(row: Patch, options: Options) -> None:
+    if row.shape is not None:
+        from .compat import shape
+
+        difference, _, form = row.shape.partition(":")
+        if shape(difference) != form:
+            return
     try:
         owner = resolve(row.owner)
     except (ImportError, AttributeError):
