@@ -228,9 +228,13 @@ def _check(args: argparse.Namespace) -> int:
                 verdict = "ok"
             return {"scenario": "e2e:" + sid, "stuck": esc.stuck, "path": "aclose", "vanilla": v, "layer": lay,
                     "verdict": verdict}  # fmt: skip
+        sc = SCENARIOS[sid]
+        if (reason := sc.not_applicable()) is not None:
+            na = {"closed": False, "error": reason}
+            return {"scenario": sid, "stuck": sc.stuck, "path": sc.path, "vanilla": na, "layer": na,
+                    "verdict": f"n/a: {reason}"}  # fmt: skip
         v = _spawn(sid, "vanilla", args)
         lay = _spawn(sid, "layer", args)
-        sc = SCENARIOS[sid]
         return {
             "scenario": sid,
             "stuck": sc.stuck,
@@ -312,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drain-timeout", type=_positive, default=0.5)
     run.add_argument("--close-timeout", type=_positive, default=3.0)
     run.add_argument("--vanilla-limit", type=_positive, default=1.0)
+    matrix = sub.add_parser(
+        "matrix",
+        help="run the catalogue on every livekit-agents release (one cached venv each), vanilla and "
+        "with the layer, and write the table",
+    )
+    from .testing.matrix import add_arguments
+
+    add_arguments(matrix)
     run_e2e = sub.add_parser("_run_e2e", help=argparse.SUPPRESS)
     for a in run._actions[1:]:
         run_e2e._add_action(a)
@@ -324,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_one_inprocess(args)
     if args.command == "_run_e2e":
         return _run_e2e_inprocess(args)
+    if args.command == "matrix":
+        from .testing.matrix import main as matrix_main
+
+        return matrix_main(args, argv)
     if args.drain_timeout > args.close_timeout:
         print("error: --drain-timeout must be <= --close-timeout", file=sys.stderr)
         return 2
