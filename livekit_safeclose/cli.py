@@ -96,6 +96,7 @@ def _run_one_inprocess(args: argparse.Namespace) -> int:
 
     logging.disable(logging.CRITICAL)  # the table is the output; the children stay quiet
     from .testing.scenarios import SCENARIOS, run_scenario
+    from .testing.scenarios.runner import vanilla_limit
 
     # a control (no hang expected) gets the full bound on vanilla too
     hangs = SCENARIOS[args.scenario].vanilla_hangs
@@ -106,7 +107,8 @@ def _run_one_inprocess(args: argparse.Namespace) -> int:
             patched=args.mode == "layer",
             drain_timeout=args.drain_timeout,
             close_timeout=args.close_timeout,
-            limit=args.vanilla_limit if args.mode == "vanilla" and hangs else None,
+            # where even a healthy close waits a fixed 2 s for the transcript, that is added
+            limit=vanilla_limit(args.vanilla_limit) if args.mode == "vanilla" and hangs else None,
         )
         d = asdict(out)
         d["report"] = out.report.to_dict() if out.report is not None else None
