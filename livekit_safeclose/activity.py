@@ -36,6 +36,9 @@ from .stacks import frames
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
 
+#: kept before the teardown bound for completing an abandoned activity close
+COMPLETE_RESERVE = 0.3
+
 
 def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
     """Speech tasks (``on_enter``/``on_exit`` included) and tool tasks that have not ended:
@@ -190,11 +193,18 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     first = min(close.steps_deadline(), start + close.transcript_timeout + MODEL_CLOSE_ALLOWANCE)
     if not await close.wait_until(inner, first):
         await close.sweep_streams(activity._session, close.grace())
-        if not await close.wait_until(inner, close.grace()):
+        # what an abandoned aclose did not reach (the audio recognition: upstream closes it
+        # only after the realtime session) still needs time before the phase's bound
+        second = max(time.monotonic(), min(close.grace(), close.steps_deadline() - COMPLETE_RESERVE))
+        if not await close.wait_until(inner, second):
             close.abandon("activity.aclose", inner, start)
             await _complete(close, activity, inner)
             return
     close.record("activity.aclose", start, *_outcome(inner))
+    if inner.cancelled() or inner.exception() is not None:
+        # a swept model's cancellation (a realtime session's aclose awaits its main task)
+        # ended upstream's body early: what it skipped is completed as for an abandoned one
+        await _complete(close, activity, inner)
 
 
 async def _complete(close: BoundedClose, activity: Any, abandoned: asyncio.Future[Any]) -> None:

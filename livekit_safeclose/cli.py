@@ -142,7 +142,9 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
                 close_timeout=args.close_timeout,
                 limit=args.vanilla_limit if args.mode == "vanilla" and hangs else None,
             )
-        open_after = out.stt_open_after if args.mode == "layer" else out.stt_open_at_close
+        layer = args.mode == "layer"
+        open_after = out.stt_open_after if layer else out.stt_open_at_close
+        open_after += out.realtime_open_after if layer else out.realtime_open_at_close
         return {
             "scenario": args.scenario,
             "closed": out.closed,
@@ -150,10 +152,17 @@ def _run_e2e_inprocess(args: argparse.Namespace) -> int:
             "provider_open": open_after,
             "server_stt_open_at_close": out.stt_open_at_close,
             "server_stt_open_after": out.stt_open_after,
+            "server_realtime_open_at_close": out.realtime_open_at_close,
+            "server_realtime_open_after": out.realtime_open_after,
             "server_clean_closes": out.clean_closes,
             "close_events": out.close_events,
-            "tasks_left": 0,
-            "clean": out.closed and open_after == 0 and out.close_events == 1 and not out.error,
+            "tasks_left": out.tasks_left,
+            "tasks_left_names": out.tasks_left_names,
+            "clean": out.closed
+            and open_after == 0
+            and out.close_events == 1
+            and out.tasks_left == 0
+            and not out.error,
             "error": out.error,
             "report": out.report.to_dict() if out.report is not None else None,
         }
@@ -329,15 +338,31 @@ def build_parser() -> argparse.ArgumentParser:
     run_e2e = sub.add_parser("_run_e2e", help=argparse.SUPPRESS)
     for a in run._actions[1:]:
         run_e2e._add_action(a)
+    _add_idle_report(sub)
     return parser
 
 
+def _add_idle_report(sub: Any) -> None:
+    from .worker.idle_report import add_arguments
+
+    add_arguments(sub.add_parser("idle-report", help="what a running worker's processes cost (memory, CPU)"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "idle-report":
+        from .worker.idle_report import run_command
+
+        return run_command(args, parser)
     if args.command == "_run":
         return _run_one_inprocess(args)
     if args.command == "_run_e2e":
-        return _run_e2e_inprocess(args)
+        code = _run_e2e_inprocess(args)
+        # the child's answer is printed: skip interpreter teardown, which can wait a minute
+        # on native threads after a realtime run (the FFI audio resampler)
+        sys.stdout.flush()
+        os._exit(code)
     if args.command == "matrix":
         from .testing.matrix import main as matrix_main
 

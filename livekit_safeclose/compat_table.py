@@ -83,54 +83,70 @@ STREAM_LEDGER: tuple[R, ...] = (
     R("stream_ledger", "livekit.agents.tts:SynthesizeStream", "_task", "init_attr"),
     R("stream_ledger", "livekit.agents.tts:ChunkedStream", "_synthesize_task", "init_attr"),
     R("stream_ledger", "livekit.agents.llm:LLMStream", "_task", "init_attr"),
-)
-
-SIGNAL_GUARD: tuple[R, ...] = (
-    R("signal_guard", "livekit.agents.cli.cli", "_run_worker", "attr"),
-    R("signal_guard", "asyncio.unix_events:_UnixSelectorEventLoop", "add_signal_handler", "method"),
-)
-
-DRAIN_AVAILABILITY: tuple[R, ...] = (
-    R("drain_availability", "livekit.agents.cli.cli", "_run_worker", "attr"),
-    R("drain_availability", SERVER, "_is_available", "method"),
-    R("drain_availability", SERVER, "_update_worker_status", "method"),
-    R("drain_availability", SERVER, "_queue_msg", "method"),
-    R("drain_availability", SERVER, "_draining", "init_attr"),
-    R("drain_availability", "livekit.agents.job:JobRequest", "accept", "method"),
-    R("drain_availability", "livekit.agents.job:JobRequest", "reject", "method", ("terminate",)),
-)
-
-BOUNDED_DRAIN_END: tuple[R, ...] = (
-    R("bounded_drain_end", SERVER, "drain", "method"),
-    R("bounded_drain_end", SERVER, "active_jobs", "attr"),
-    R("bounded_drain_end", PROC, "aclose", "uses", ("_pch", "_shutting_down_fut")),
-    R("bounded_drain_end", PROC, "kill", "method"),
-    R("bounded_drain_end", PROC, "_initialize_fut", "init_attr"),
-    R("bounded_drain_end", PROC, "_closing", "init_attr"),
-    R("bounded_drain_end", "livekit.agents.ipc.channel", "asend_message", "attr"),
-    R("bounded_drain_end", "livekit.agents.ipc.proto:ShutdownRequest", "reason", "field"),
-    R("bounded_drain_end", JOB_PROC, "_shutdown_job", "method", ("job_entry_task", "shutdown_info")),
-    R("bounded_drain_end", JOB_PROC, "_shutdown_job", "uses", ("_SESSION_ACLOSE_TIMEOUT",)),
-    R("bounded_drain_end", JOB_PROC, "_session_end_timeout", "init_attr"),
-    R("bounded_drain_end", "livekit.agents.ipc.job_proc_lazy_main", "_SESSION_ACLOSE_TIMEOUT", "attr"),
-    R("bounded_drain_end", "livekit.agents.job:JobContext", "_primary_agent_session", "init_attr"),
-    # only with force_close_on_second_signal: the CLI's exit-now handlers
-    R("bounded_drain_end", CLI, "_force_exit", "closure", ("escalating",)),
-    R("bounded_drain_end", CLI, "_handle_exit", "closure", ("escalating", "exit_raised")),
-)
-
-IDLE_REPORT: tuple[R, ...] = (
-    # assigned when the server runs
-    R("idle_report", SERVER, "run", "uses", ("_proc_pool", "_inference_executor"), optional=True),
+    R("stream_ledger", "livekit.agents.llm:RealtimeSession", "__init__", "method"),
+    # the OpenAI plugin's main task; without it the ledger finds the task working for the session
     R(
-        "idle_report",
-        "livekit.agents.ipc.proc_pool:ProcPool",
-        "_default_num_idle_processes",
+        "stream_ledger",
+        "livekit.plugins.openai.realtime:RealtimeSession",
+        "_main_atask",
         "init_attr",
         optional=True,
     ),
 )
 
+# Worker parts (livekit_safeclose.worker). Public API they only call (AgentServer.draining,
+# JobContext.primary_session, get_job_context, SupervisedProc.kill/pid/running_job) needs no
+# row; what they patch, and every private name they read, has one.
+CLI_MODULE = "livekit.agents.cli.cli"
+POOL = "livekit.agents.ipc.proc_pool:ProcPool"
+
+SIGNAL_GUARD: tuple[R, ...] = (
+    # the CLI whose handler the tap keeps in charge (recognised by its module)
+    R("signal_guard", CLI_MODULE, "_run_worker", "attr"),
+    R("signal_guard", "asyncio.unix_events:_UnixSelectorEventLoop", "add_signal_handler", "method"),
+)
+
+DRAIN_AVAILABILITY: tuple[R, ...] = (
+    R("drain_availability", CLI_MODULE, "_run_worker", "attr"),
+    R("drain_availability", SERVER, "_is_available", "method"),
+    R("drain_availability", SERVER, "_update_worker_status", "method"),
+    R("drain_availability", SERVER, "_queue_msg", "method"),
+    R("drain_availability", SERVER, "active_jobs", "attr"),  # the WS_FULL report's job count
+    R("drain_availability", "livekit.agents.job:JobRequest", "accept", "method"),
+    R("drain_availability", "livekit.agents.job:JobRequest", "reject", "method", ("terminate",)),
+)
+
+BOUNDED_DRAIN_END: tuple[R, ...] = (
+    # supervisor side (worker.drain_end)
+    R("bounded_drain_end", CLI_MODULE, "_run_worker", "method"),
+    R("bounded_drain_end", SERVER, "drain", "method"),
+    R("bounded_drain_end", SERVER, "aclose", "method"),
+    R("bounded_drain_end", SERVER, "active_jobs", "attr"),  # the drain's log line
+    R("bounded_drain_end", PROC, "aclose", "uses", ("_pch",)),  # assigned in _start, read by aclose
+    R("bounded_drain_end", "livekit.agents.ipc.channel", "asend_message", "attr"),
+    R("bounded_drain_end", "livekit.agents.ipc.proto:ShutdownRequest", "reason", "field"),
+    # job side (worker.job_shutdown)
+    R("bounded_drain_end", JOB_PROC, "_shutdown_job", "method", ("job_entry_task", "shutdown_info")),
+    R("bounded_drain_end", JOB_PROC, "_shutdown_job", "uses", ("_SESSION_ACLOSE_TIMEOUT",)),
+    R("bounded_drain_end", JOB_PROC, "_session_end_timeout", "init_attr"),
+    R("bounded_drain_end", "livekit.agents.ipc.job_proc_lazy_main", "_SESSION_ACLOSE_TIMEOUT", "attr"),
+)
+
+#: only with force_close_on_second_signal: the CLI's exit-now handlers, whose closures tell an
+#: operator's second signal from the CLI's own blocked-loop re-signal. Missing, the part is
+#: refused by name and a second signal exits at once, as upstream.
+SECOND_SIGNAL: tuple[R, ...] = (
+    R("force_close_on_second_signal", CLI, "_force_exit", "closure", ("escalating",)),
+    R("force_close_on_second_signal", CLI, "_handle_exit", "closure", ("escalating", "exit_raised")),
+)
+
+IDLE_REPORT: tuple[R, ...] = (
+    # assigned when the server runs
+    R("idle_report", SERVER, "run", "uses", ("_proc_pool", "_inference_executor"), optional=True),
+    R("idle_report", PROC, "_initialize_fut", "init_attr", optional=True),  # idle vs starting
+    R("idle_report", POOL, "_default_num_idle_processes", "init_attr", optional=True),
+)
+
 REQUIREMENTS: tuple[R, ...] = (
-    CORE + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + IDLE_REPORT
+    CORE + STREAM_LEDGER + SIGNAL_GUARD + DRAIN_AVAILABILITY + BOUNDED_DRAIN_END + SECOND_SIGNAL + IDLE_REPORT
 )

@@ -29,7 +29,7 @@ from .stacks import awaited_tasks, works_for
 
 #: ``"module:function"`` entries, each ``async def finish(session, close)``: one per feature
 #: whose resources upstream does not tie to the session (run in order, each bounded)
-FINISHERS: tuple[str, ...] = ()
+FINISHERS: tuple[str, ...] = ("livekit_safeclose.realtime:finish",)
 
 
 async def _run_finishers(session: Any, close: BoundedClose) -> None:

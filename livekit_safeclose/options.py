@@ -14,8 +14,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 #: the parts of the patch table an install can enable
-Part = Literal["core", "stream_ledger", "signal_guard", "drain_availability", "bounded_drain_end"]
-WORKER_PARTS: tuple[Part, ...] = ("signal_guard", "drain_availability", "bounded_drain_end")
+Part = Literal[
+    "core",
+    "stream_ledger",
+    "signal_guard",
+    "drain_availability",
+    "bounded_drain_end",
+    "force_close_on_second_signal",
+]
+WORKER_PARTS: tuple[Part, ...] = (
+    "signal_guard",
+    "drain_availability",
+    "bounded_drain_end",
+    "force_close_on_second_signal",
+)
 SESSION_PARTS: tuple[Part, ...] = ("core", "stream_ledger")
 
 
@@ -85,7 +97,14 @@ class Options:
 
     def parts(self) -> tuple[Part, ...]:
         """The patch-table parts these options enable, in install order."""
-        worker = [p for p in WORKER_PARTS if self.worker and getattr(self, p)]
+        # the second-signal close is a mode of the bounded end: never without it
+        worker = [
+            p
+            for p in WORKER_PARTS
+            if self.worker
+            and getattr(self, p)
+            and (p != "force_close_on_second_signal" or self.bounded_drain_end)
+        ]
         return (*SESSION_PARTS, *worker)
 
 

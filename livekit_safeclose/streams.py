@@ -1,7 +1,11 @@
-"""A process-wide ledger of open provider streams (STT, TTS, LLM).
+"""A process-wide ledger of open provider streams (STT, TTS, LLM) and realtime sessions.
 
 A stream counts as open while its main task runs: that task owns the provider
-connection, so "main task done" is exactly "the provider saw the connection end".
+connection, so "main task done" is exactly "the provider saw the connection end". A
+realtime session (``llm.RealtimeSession``) counts the same way: its main task is the one
+its plugin keeps as ``_main_atask``, or else the task found working on its behalf right
+after it was made (the base class's ``__init__`` runs before the plugin's starts it, so
+the session is registered one loop turn later).
 Registering costs one dict insert, one context-variable read and one done-callback per
 stream, cheap enough to leave on in production. The ledger is also how a forced close finds
 the streams of *its* session that are still open and stops them.
@@ -32,7 +36,11 @@ KINDS: dict[str, str] = {
     "SynthesizeStream": "tts",
     "ChunkedStream": "tts",
     "LLMStream": "llm",
+    "RealtimeSession": "realtime",
 }
+
+#: every kind :func:`open_streams` counts
+COUNTED: tuple[str, ...] = ("stt", "tts", "llm", "realtime")
 
 
 @dataclass
@@ -83,7 +91,12 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
     if task is None or task.done():
         return
     owner = session if session is not None else _speech_session()
-    creator = asyncio.current_task() if owner is None else None
+    _track(stream, kind, task, owner, asyncio.current_task() if owner is None else None)
+
+
+def _track(
+    stream: Any, kind: str, task: asyncio.Task[Any], owner: Any, creator: asyncio.Task[Any] | None
+) -> None:
     if owner is not None:
         _sessions.add(owner)
     key = id(stream)
@@ -104,14 +117,17 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
 
 
 def _attribute(session: Any) -> None:
-    """Give ``session`` the unattributed open streams whose creator works for it."""
-    orphans = [e for e in list(_open.values()) if e.session_ref is None and e.creator is not None]
+    """Give ``session`` the unattributed open streams it holds (a realtime session is an
+    activity's own part) or whose creator works for it."""
+    orphans = [e for e in list(_open.values()) if e.session_ref is None]
     if not orphans:
         return
     owned = objects_of(session, _activities_of_close(session))
     for entry in orphans:
         creator = entry.creator() if entry.creator is not None else None
-        if creator is not None and not creator.done() and stacks.works_for(creator, owned):
+        if id(entry.stream) in owned or (
+            creator is not None and not creator.done() and stacks.works_for(creator, owned)
+        ):
             entry.session_ref = weakref.ref(session)
             _sessions.add(session)
 
@@ -135,11 +151,11 @@ def known_sessions() -> list[Any]:
 
 
 def open_streams(session: Any = None) -> dict[str, int]:
-    """Open streams by kind (``stt``, ``tts``, ``llm``) and ``total``; for one session
-    when given, else for the whole process."""
+    """Open streams by kind (``stt``, ``tts``, ``llm``, ``realtime``) and ``total``; for
+    one session when given, else for the whole process."""
     entries = list(_open.values()) if session is None else streams_of(session)
     counts: Counter[str] = Counter(e.kind for e in entries)
-    out = {k: counts.get(k, 0) for k in ("stt", "tts", "llm")}
+    out = {k: counts.get(k, 0) for k in COUNTED}
     out["total"] = sum(counts.values())
     return out
 
@@ -161,6 +177,41 @@ def wrap_init(kind: str) -> Callable[[Any, Any], Any]:
 stt_init = wrap_init("stt")
 tts_init = wrap_init("tts")
 llm_init = wrap_init("llm")
+
+
+def realtime_main_task(rt: Any) -> asyncio.Task[Any] | None:
+    """The task that owns a realtime session's provider connection: the plugin's
+    ``_main_atask``, else the first live task whose await chain is one of its methods."""
+    task = getattr(rt, "_main_atask", None)
+    if isinstance(task, asyncio.Task):
+        return task
+    mine = {id(rt)}
+    return next((t for t in asyncio.all_tasks() if not t.done() and stacks.works_for(t, mine)), None)
+
+
+def _register_realtime(ref: weakref.ReferenceType[Any], creator: asyncio.Task[Any] | None) -> None:
+    rt = ref()
+    if rt is None or id(rt) in _open:
+        return
+    task = realtime_main_task(rt)
+    if task is not None and not task.done():
+        _track(rt, "realtime", task, None, creator)
+
+
+def realtime_init(original: Callable[..., None], _options: Any) -> Callable[..., None]:
+    """A patch-table factory: ``RealtimeSession.__init__``, then the session is registered
+    one loop turn later, once the plugin's own ``__init__`` has started its main task."""
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # made outside a loop: it has no task to watch yet
+        loop.call_soon(_register_realtime, weakref.ref(self), asyncio.current_task())
+
+    return __init__
 
 
 def installed() -> bool:

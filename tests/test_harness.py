@@ -28,7 +28,7 @@ async def test_ledger_counts_live_streams_and_returns_to_zero() -> None:
     assert lsc.open_streams(session)["stt"] == 1
     assert lsc.open_streams()["stt"] >= 1
     await session.aclose()
-    assert lsc.open_streams(session) == {"stt": 0, "tts": 0, "llm": 0, "total": 0}
+    assert lsc.open_streams(session) == {"stt": 0, "tts": 0, "llm": 0, "realtime": 0, "total": 0}
     for sid in ("tool-park-aclose", "tts-stall-aclose", "llm-stall-aclose", "stt-close-hang-aclose"):
         out = await run_scenario(sid, patched=True)
         assert out.streams_open == 0

@@ -15,7 +15,7 @@ from livekit_safeclose.testing.e2e import E2E_SCENARIOS, E2EOutcome, STTKind, ru
 from livekit_safeclose.testing.standins import ProviderServer
 
 BITING = ["tool-stuck", "on-exit-hang", "tts-stall-goodbye", "llm-stall-goodbye"]
-CONTROLS = [s.id for s in E2E_SCENARIOS.values() if not s.vanilla_hangs]
+CONTROLS = [s.id for s in E2E_SCENARIOS.values() if not s.vanilla_hangs and not s.realtime]
 CASES: list[tuple[str, STTKind]] = [(s, "inference_stt") for s in BITING] + [("tool-stuck", "deepgram_stt")]
 
 

@@ -41,6 +41,10 @@ class SessionScenario:
     observe: float = 8.0  # vanilla: seconds after SIGTERM we watch before killing what is left
     idle: int = 1
     idle_report: bool = False
+    #: the layer's install(force_close_on_second_signal=...)
+    force_close_on_second_signal: bool = False
+    #: stuck scenarios run as a vanilla/layer pair unless False
+    pair: bool = True
 
 
 @dataclass
@@ -106,6 +110,7 @@ def run(sc: SessionScenario, *, patched: bool, log_dir: Path) -> SessionOutcome:
             "SC_MODE": sc.mode,
             "SC_JOB_SECONDS": str(sc.job_seconds),
             "SC_IDLE": str(sc.idle),
+            "SC_SECOND_CLOSE": "1" if sc.force_close_on_second_signal else "",
         }
         w = WorkerProcess("session_agent.py", d.url, log_path, env=env, drain_timeout=sc.drain_timeout)
         try:
@@ -134,7 +139,9 @@ def run(sc: SessionScenario, *, patched: bool, log_dir: Path) -> SessionOutcome:
             limit = sc.observe
             if patched:
                 limit = sc.drain_timeout + safeclose_worker.proc_close_bound(LAYER_CLOSE) + 3.0
-                if sc.second_signal_after is not None:
+                if sc.second_signal_after is not None and not sc.force_close_on_second_signal:
+                    limit = sc.second_signal_after + sc.observe  # exits at once, as upstream
+                elif sc.second_signal_after is not None:
                     limit = sc.second_signal_after + safeclose_worker.proc_close_bound(LAYER_CLOSE) + 3.0
                 if sc.mode == "healthy":
                     limit = max(limit, sc.observe)
@@ -202,8 +209,19 @@ SCENARIOS: dict[str, SessionScenario] = {
     for s in (
         # (i) the drain times out while J1's tool is stuck
         SessionScenario("drain_timeout_stuck_tool", drain_timeout=2, observe=8.0),
-        # (ii) a second SIGTERM during a long drain while J1's tool is stuck
-        SessionScenario("second_signal_stuck_tool", drain_timeout=60, second_signal_after=1.5, observe=4.0),
+        # (ii) a second SIGTERM during a long drain while J1's tool is stuck; the layer with
+        # force_close_on_second_signal=True force-closes the session
+        SessionScenario(
+            "second_signal_stuck_tool",
+            drain_timeout=60,
+            second_signal_after=1.5,
+            observe=4.0,
+            force_close_on_second_signal=True,
+        ),
+        # (ii') the same with the layer's default: a second signal exits at once, as upstream
+        SessionScenario(
+            "second_signal_default", drain_timeout=60, second_signal_after=1.5, observe=4.0, pair=False
+        ),
         # (iii) a healthy job longer than close_timeout, shorter than --drain-timeout
         SessionScenario(
             "healthy_long_job",

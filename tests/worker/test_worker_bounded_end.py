@@ -2,8 +2,9 @@
 stand-in): what happens to the provider connection when a drain ends by force.
 
 Each stuck scenario runs twice side by side: vanilla (the assertions state what upstream does)
-and with ``livekit_safeclose.install(drain_timeout=1, close_timeout=4)`` +
-``install_worker(close_timeout=4)`` in the agent file. Times are seconds after the first SIGTERM.
+and with ``livekit_safeclose.install(drain_timeout=1, close_timeout=4)`` in the agent file
+(``force_close_on_second_signal=True`` for the second-signal pair). Times are seconds after the
+first SIGTERM.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def outcome(log_dir: Path) -> Callable[[str, bool], SessionOutcome]:
             sc = SCENARIOS[name]
             _runs[name] = (
                 run_pair(sc, log_dir)
-                if sc.mode == "stuck_tool"
+                if sc.mode == "stuck_tool" and sc.pair
                 else (run(sc, patched=True, log_dir=log_dir),)
             )
             for o in _runs[name]:
@@ -124,6 +125,17 @@ def test_layer_second_signal_force_closes_session(outcome: Callable[[str, bool],
     second = o.scenario.second_signal_after or 0.0
     _assert_forced_close_with_goodbye(o, forced_at=second, why="second SIGTERM")
     assert any(m.startswith("second SIGTERM during shutdown") for _, m in o.warnings), _ctx(o)
+
+
+@pytest.mark.timeout(90)
+def test_layer_second_signal_exits_at_once_by_default(outcome: Callable[[str, bool], SessionOutcome]) -> None:
+    """Upstream's contract is kept unless force_close_on_second_signal=True: exit at once."""
+    o = outcome("second_signal_default", True)
+    ctx = _ctx(o)
+    second = o.scenario.second_signal_after or 0.0
+    assert o.exit_code == 1 and o.exit_after is not None and o.exit_after < second + 1.0, ctx
+    assert o.shutdown_reason is None, ctx  # nothing was force-closed
+    assert not any(m.startswith("second SIGTERM during shutdown") for _, m in o.warnings), ctx
 
 
 # -- (iii) a healthy job longer than close_timeout, shorter than --drain-timeout ------------------------

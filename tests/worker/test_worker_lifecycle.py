@@ -1,8 +1,8 @@
 """Real 1.8.9 worker processes against the stand-in dispatch server: SIGTERM on deploy.
 
 Every scenario runs twice side by side, unpatched (``vanilla``: the assertions state what
-upstream does today) and with ``install_signal_guard()`` + ``install_drain_availability()``
-called at import of the agent file. Times are seconds after SIGTERM; J1 runs 1.5 s.
+upstream does today) and with ``livekit_safeclose.install(bounded_drain_end=False)`` (the
+signal guard and drain availability) called at import of the agent file. Times are seconds after SIGTERM; J1 runs 1.5 s.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""In-process tests of livekit_safeclose.worker: the signal tap, the guard, drain availability.
+"""In-process tests of livekit_safeclose.worker: the signal tap, the guard, drain availability
+(installed with ``livekit_safeclose.install()`` and only the parts a test is about).
 
 The CLI handler is faked with a function whose ``__module__`` is livekit-agents' CLI module,
 which is how the tap recognises it; signals are real (``signal.raise_signal`` runs the Python
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -25,10 +27,21 @@ from livekit.agents.job import JobRequest
 from livekit.agents.worker import AgentServer
 from livekit.protocol import agent
 
+import livekit_safeclose as lsc
 from livekit_safeclose import worker as sc
 
 CLI_MODULE = "livekit.agents.cli.cli"
 SAFECLOSE_LOGGER = "livekit.agents.safeclose"
+
+
+def _guard() -> None:
+    """The signal guard alone (the tap comes with it)."""
+    lsc.install(drain_availability=False, bounded_drain_end=False)
+
+
+def _availability(*, reject_late_accepts: bool = True) -> None:
+    """Drain availability alone (the tap comes with it)."""
+    lsc.install(signal_guard=False, bounded_drain_end=False, reject_late_accepts=reject_late_accepts)
 
 
 @dataclass
@@ -64,8 +77,7 @@ def cli() -> Iterator[FakeCli]:
     try:
         yield FakeCli()
     finally:
-        sc.uninstall_signal_guard()
-        sc.uninstall_drain_availability()
+        lsc.uninstall()
         for sig, h in saved.items():
             signal.signal(sig, h)
 
@@ -105,40 +117,47 @@ def test_install_is_idempotent_and_uninstall_restores_originals(cli: FakeCli) ->
         }
 
     for _ in range(2):
-        sc.install_signal_guard()
-        sc.install_drain_availability()
+        lsc.install(bounded_drain_end=False)
     patched = current()
     assert all(patched[k] is not originals[k] for k in originals)
-    sc.install_signal_guard()
-    sc.install_drain_availability()
+    lsc.install(bounded_drain_end=False)
     assert current() == patched  # a second install changes nothing
 
-    sc.uninstall_signal_guard()
+    _availability()  # the guard off, drain availability on
     assert vars(loop_cls)["add_signal_handler"] is originals["add_signal_handler"]
     assert signal.signal is patched["signal.signal"]  # still tapped for drain availability
     for _ in range(2):
-        sc.uninstall_drain_availability()
-        sc.uninstall_signal_guard()
+        lsc.uninstall()
     assert all(current()[k] is originals[k] for k in originals)
 
 
+def _refusals(caplog: pytest.LogCaptureFixture, part: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if f"the {part} part is not supported" in r.getMessage()]
+
+
 @pytest.mark.timeout(10)
-def test_missing_upstream_shape_raises_and_patches_nothing(
-    cli: FakeCli, monkeypatch: pytest.MonkeyPatch
+def test_missing_upstream_shape_refuses_the_part_and_patches_nothing(
+    cli: FakeCli, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from livekit.agents.cli import cli as lk_cli
 
     original_signal = signal.signal
     monkeypatch.delattr(AgentServer, "_is_available")
-    with pytest.raises(RuntimeError, match=r"AgentServer\._is_available"):
-        sc.install_drain_availability()
+    with caplog.at_level("WARNING", logger=SAFECLOSE_LOGGER):
+        _availability()
+    refused = _refusals(caplog, "drain_availability")
+    assert len(refused) == 1 and re.search(r"AgentServer\._is_available", refused[0]), refused
     assert signal.signal is original_signal
     assert "accept" in vars(JobRequest) and not hasattr(vars(JobRequest)["accept"], "__wrapped__")
+    lsc.uninstall()
     monkeypatch.undo()
 
+    caplog.clear()
     monkeypatch.delattr(lk_cli, "_run_worker")
-    with pytest.raises(RuntimeError, match=r"livekit\.agents\.cli\.cli\._run_worker"):
-        sc.install_signal_guard()
+    with caplog.at_level("WARNING", logger=SAFECLOSE_LOGGER):
+        _guard()
+    refused = _refusals(caplog, "signal_guard")
+    assert len(refused) == 1 and re.search(r"livekit\.agents\.cli\.cli\._run_worker", refused[0]), refused
     assert signal.signal is original_signal
 
 
@@ -149,7 +168,7 @@ def test_missing_upstream_shape_raises_and_patches_nothing(
 def test_user_signal_handler_runs_and_cli_still_drains(
     cli: FakeCli, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sc.install_signal_guard()  # at import time, before the CLI: nothing armed yet
+    _guard()  # at import time, before the CLI: nothing armed yet
     cli.install()
     user_calls: list[int] = []
 
@@ -176,7 +195,7 @@ def test_user_signal_handler_runs_and_cli_still_drains(
 
 @pytest.mark.timeout(10)
 def test_user_chaining_to_previous_handler_calls_cli_once(cli: FakeCli) -> None:
-    sc.install_signal_guard()
+    _guard()
     cli.install()
     previous: Any = None
 
@@ -193,12 +212,13 @@ def test_user_chaining_to_previous_handler_calls_cli_once(cli: FakeCli) -> None:
     assert cli.count() == 2
 
 
+@pytest.mark.asyncio
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("exc", [SystemExit(0), GracefulExit(), KeyboardInterrupt()])
-def test_user_handler_raising_cannot_skip_the_drain(
+async def test_user_handler_raising_cannot_skip_the_drain(
     cli: FakeCli, caplog: pytest.LogCaptureFixture, exc: BaseException
 ) -> None:
-    sc.install_signal_guard()
+    _guard()
     cli.install()
 
     def raising(signum: int, frame: FrameType | None) -> None:
@@ -207,6 +227,8 @@ def test_user_handler_raising_cannot_skip_the_drain(
     signal.signal(signal.SIGTERM, raising)
     with caplog.at_level("WARNING", logger=SAFECLOSE_LOGGER):
         _raise()  # does not raise
+        for _ in range(3):  # the WARNING is logged on the loop, not in the signal handler
+            await asyncio.sleep(0)
     assert cli.count() == 1
     assert any(type(exc).__name__ in w for w in _safeclose_warnings(caplog))
 
@@ -221,7 +243,7 @@ def test_cli_escalation_raise_still_propagates(cli: FakeCli) -> None:
     def escalate(signum: int) -> None:
         raise ExitCli()
 
-    sc.install_signal_guard()
+    _guard()
     cli.install()
     signal.signal(signal.SIGTERM, lambda s, f: None)
     cli.on_call = escalate
@@ -232,7 +254,7 @@ def test_cli_escalation_raise_still_propagates(cli: FakeCli) -> None:
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("disposition", [signal.SIG_DFL, signal.SIG_IGN])
 def test_user_default_or_ignore_keeps_the_drain(cli: FakeCli, disposition: signal.Handlers) -> None:
-    sc.install_signal_guard()
+    _guard()
     cli.install()
     signal.signal(signal.SIGTERM, disposition)
     _raise()  # SIG_DFL would have killed this process
@@ -241,7 +263,7 @@ def test_user_default_or_ignore_keeps_the_drain(cli: FakeCli, disposition: signa
 
 @pytest.mark.timeout(10)
 def test_not_armed_before_the_cli_and_armed_when_installed_late(cli: FakeCli) -> None:
-    sc.install_signal_guard()
+    _guard()
 
     def early(signum: int, frame: FrameType | None) -> None:
         pass
@@ -249,10 +271,10 @@ def test_not_armed_before_the_cli_and_armed_when_installed_late(cli: FakeCli) ->
     # import time / prewarm: upstream semantics, the CLI will replace it anyway
     signal.signal(signal.SIGTERM, early)
     assert signal.getsignal(signal.SIGTERM) is early
-    sc.uninstall_signal_guard()
+    lsc.uninstall()
 
     cli.install()  # the CLI runs first, the guard comes later (e.g. from request_fnc)
-    sc.install_signal_guard()
+    _guard()
     signal.signal(signal.SIGTERM, early)
     _raise()
     assert cli.count() == 1
@@ -260,7 +282,7 @@ def test_not_armed_before_the_cli_and_armed_when_installed_late(cli: FakeCli) ->
 
 @pytest.mark.timeout(10)
 def test_uninstall_hands_over_what_upstream_would_have_installed(cli: FakeCli) -> None:
-    sc.install_signal_guard()
+    _guard()
     cli.install()
     sigint_cli = signal.getsignal(signal.SIGINT)
 
@@ -268,7 +290,7 @@ def test_uninstall_hands_over_what_upstream_would_have_installed(cli: FakeCli) -
         pass
 
     signal.signal(signal.SIGTERM, user)
-    sc.uninstall_signal_guard()
+    lsc.uninstall()
     assert signal.getsignal(signal.SIGTERM) is user  # the user's replacement, as upstream
     assert getattr(signal.getsignal(signal.SIGINT), "__module__", "") == CLI_MODULE
     assert signal.getsignal(signal.SIGINT) is not sigint_cli  # the CLI's own function again
@@ -277,7 +299,7 @@ def test_uninstall_hands_over_what_upstream_would_have_installed(cli: FakeCli) -
 @pytest.mark.timeout(10)
 def test_framework_sigint_mask_passes_through(cli: FakeCli) -> None:
     """``supervised_proc._mask_ctrl_c`` ignores SIGINT around process spawns and restores it."""
-    sc.install_signal_guard()
+    _guard()
     cli.install()
     tapped = signal.getsignal(signal.SIGINT)
     with supervised_proc._mask_ctrl_c():
@@ -295,7 +317,7 @@ def test_framework_sigint_mask_passes_through(cli: FakeCli) -> None:
 async def test_loop_signal_handler_runs_and_cli_still_drains(
     cli: FakeCli, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sc.install_signal_guard()
+    _guard()
     cli.install()
     loop = asyncio.get_running_loop()
     called = asyncio.Event()
@@ -314,7 +336,7 @@ async def test_loop_signal_handler_runs_and_cli_still_drains(
         assert len(warnings) == 1 and "on_sigterm" in warnings[0]
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
-    assert getattr(signal.getsignal(signal.SIGTERM), "__module__", "") == "livekit_safeclose.worker"
+    assert getattr(signal.getsignal(signal.SIGTERM), "__module__", "") == "livekit_safeclose.worker.signals"
 
 
 @pytest.mark.asyncio
@@ -322,7 +344,7 @@ async def test_loop_signal_handler_runs_and_cli_still_drains(
 async def test_loop_callback_raising_graceful_exit_does_not_stop_the_loop(
     cli: FakeCli, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sc.install_signal_guard()
+    _guard()
     cli.install()
     loop = asyncio.get_running_loop()
 
@@ -348,7 +370,7 @@ async def test_signal_during_blocked_loop_runs_cli_at_once_and_drain_when_loop_r
     """CPython runs a ``signal.signal`` handler on the main thread as soon as the blocking call
     returns EINTR (``time.sleep`` resumes afterwards), so the CLI handler and the drain intent
     are immediate; what the CLI schedules with ``call_soon_threadsafe`` waits for the loop."""
-    sc.install_signal_guard()
+    _guard()
     loop = asyncio.get_running_loop()
     scheduled: list[float] = []
 
@@ -410,7 +432,7 @@ def _job_request() -> tuple[JobRequest, list[str]]:
 async def test_drain_availability_from_the_signal_not_from_drain(cli: FakeCli) -> None:
     server, sent = _bare_server()
     assert server._is_available()
-    sc.install_drain_availability()
+    _availability()
     cli.install()
     assert server._is_available()
     await server._update_worker_status()
@@ -433,7 +455,7 @@ async def test_late_accept_rejection_follows_programmatic_drain_and_can_be_disab
     cli: FakeCli,
 ) -> None:
     server, _ = _bare_server()
-    sc.install_drain_availability()
+    _availability()
     server._is_available()  # the worker is seen answering availability
     req, events = _job_request()
     await req.accept()
@@ -445,7 +467,7 @@ async def test_late_accept_rejection_follows_programmatic_drain_and_can_be_disab
     await req.accept()
     assert events == ["reject terminate=False"]
 
-    sc.install_drain_availability(reject_late_accepts=False)
+    _availability(reject_late_accepts=False)
     req, events = _job_request()
     await req.accept()
     assert events == ["accept"]

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from livekit.agents import Agent, RunContext, function_tool
 
-ToolMode = Literal["park", "ok"]
+ToolMode = Literal["park", "linger", "ok"]
 ExitMode = Literal["none", "park", "say", "reply"]
 
 
@@ -22,8 +22,11 @@ class E2EContext:
 
 
 class E2EAgent(Agent):
-    """``lookup`` parks until released (``tool="park"``) or answers; ``on_exit`` parks,
-    says a goodbye through the TTS (``"say"``) or asks the LLM for one (``"reply"``)."""
+    """``lookup`` parks until released (``tool="park"``), parks and is slow to unwind
+    (``"linger"``: cancelled, it keeps running through the close's drain phase, as a cleanup
+    that outlasts the drain bound would, and returns once the close moved on) or answers;
+    ``on_exit`` parks, says a goodbye through the TTS (``"say"``) or asks the LLM for one
+    (``"reply"``)."""
 
     def __init__(self, ctx: E2EContext, *, tool: ToolMode = "ok", on_exit: ExitMode = "none") -> None:
         super().__init__(instructions="You are a test agent. Use lookup when asked.")
@@ -35,7 +38,25 @@ class E2EAgent(Agent):
         self._ctx.tool_entered.set()
         if self._tool == "park":
             await self._ctx.release.wait()
+        elif self._tool == "linger":
+            try:
+                await self._ctx.release.wait()
+            except asyncio.CancelledError:
+                await self._linger()
+                return "cancelled"
         return "found it"
+
+    async def _linger(self) -> None:
+        from ...bounded_close import closing_of
+
+        while not self._ctx.release.is_set():
+            close = closing_of(self.session, live_only=False)
+            if close is None or close.phase != "drain":
+                return
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                continue
 
     async def on_exit(self) -> None:
         self._ctx.exit_entered.set()

@@ -36,7 +36,7 @@ class E2EModels:
     closes them (the TTS pool, the LLM client, the shared aiohttp session), bounded."""
 
     stt: stt.STT[Any]
-    llm: llm.LLM[Any]
+    llm: llm.LLM[Any] | llm.RealtimeModel
     tts: tts.TTS[Any]
     http: aiohttp.ClientSession
     stt_kind: STTKind
@@ -52,9 +52,12 @@ class E2EModels:
             await asyncio.wait_for(self.http.close(), timeout)
 
 
-def make_models(server: ProviderServer, stt_kind: STTKind = "inference_stt") -> E2EModels:
-    """Real STT (Inference or Deepgram), OpenAI LLM and Inference TTS against ``server``,
-    sharing one fresh aiohttp session (no job context needed). Call inside a running loop."""
+def make_models(
+    server: ProviderServer, stt_kind: STTKind = "inference_stt", *, realtime: bool = False
+) -> E2EModels:
+    """Real STT (Inference or Deepgram), OpenAI LLM (``realtime``: the OpenAI Realtime model,
+    with ``E2E_CONN_OPTIONS``) and Inference TTS against ``server``, sharing one fresh
+    aiohttp session (no job context needed). Call inside a running loop."""
     http = aiohttp.ClientSession()
     creds = server.inference_credentials()
     model_stt: stt.STT[Any]
@@ -70,15 +73,43 @@ def make_models(server: ProviderServer, stt_kind: STTKind = "inference_stt") -> 
         )
     from livekit.plugins import openai
 
+    if realtime:
+        _prewarm_realtime_types()
+    model_llm: llm.LLM[Any] | llm.RealtimeModel = (
+        openai.realtime.RealtimeModel(
+            base_url=server.openai_url,
+            api_key=server.provider_api_key,
+            http_session=http,
+            conn_options=E2E_CONN_OPTIONS,
+        )
+        if realtime
+        else openai.LLM(model="gpt-4o-mini", base_url=server.openai_url, api_key=server.provider_api_key)
+    )
     return E2EModels(
         stt=model_stt,
-        llm=openai.LLM(model="gpt-4o-mini", base_url=server.openai_url, api_key=server.provider_api_key),
+        llm=model_llm,
         tts=inference.TTS(
             model="cartesia/sonic-3", base_url=server.inference_url, http_session=http, **creds
         ),
         http=http,
         stt_kind=stt_kind,
     )
+
+
+def _prewarm_realtime_types() -> None:
+    """Build the Realtime client's lazily built pydantic models once per process. The
+    first tool result pushed to a realtime session otherwise builds them inside the event
+    loop (0.8-1.3 s of CPU on a loaded 2-core box), in the middle of the close under test."""
+    from livekit.agents import llm as lk_llm
+    from livekit.plugins.openai.realtime.utils import livekit_item_to_openai_item
+
+    for item in (
+        lk_llm.ChatMessage(role="user", content=["hi"]),
+        lk_llm.ChatMessage(role="assistant", content=["hi"]),
+        lk_llm.FunctionCall(call_id="c", name="f", arguments="{}"),
+        lk_llm.FunctionCallOutput(call_id="c", name="f", output="x", is_error=False),
+    ):
+        livekit_item_to_openai_item(item)
 
 
 def make_e2e_session(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livekit.agents import AgentSession
+from livekit.agents.voice.events import CloseReason
 
 import livekit_safeclose as lsc
 
@@ -38,7 +39,12 @@ class E2EOutcome:
     until ``limit``); ``stt_reconnects_after_close``: opened after it returned (or after
     ``limit``), within the observation window.
     ``clean_closes``: per kind, connections that ended with a provider goodbye during the
-    run (``session.close``, ``CloseStream``, a client close frame for TTS, ``[DONE]``)."""
+    run (``session.close``, ``CloseStream``, a client close frame for TTS and Realtime,
+    ``[DONE]``). ``realtime_open_at_close`` / ``realtime_open_after``: the Realtime
+    stand-in's open sockets (held upgrades included), at the same two moments as the STT
+    counts. ``tasks_left``: what the post-close audit finds still running for the session
+    (zombies included) ``SERVER_GRACE`` after the close returned (or after ``limit``), with
+    ``tasks_left_names``."""
 
     scenario: str
     stt: STTKind
@@ -61,11 +67,15 @@ class E2EOutcome:
     report: Any = None
     error: str = ""
     events: dict[str, list[str]] = field(default_factory=dict)
+    realtime_open_at_close: int = 0
+    realtime_open_after: int = 0
+    tasks_left: int = 0
+    tasks_left_names: list[str] = field(default_factory=list)
 
     @property
     def released(self) -> bool:
-        """The close returned and the provider holds no STT connection any more."""
-        return self.closed and self.stt_open_after == 0
+        """The close returned and the provider holds no STT (or Realtime) connection any more."""
+        return self.closed and self.stt_open_after == 0 and self.realtime_open_after == 0
 
     def summary(self) -> str:
         mode = "layer" if self.patched else "vanilla"
@@ -74,7 +84,9 @@ class E2EOutcome:
             f"{self.scenario}[{self.stt}, {mode}]: {closed}; server STT open before={self.stt_open_before} "
             f"at_close={self.stt_open_at_close} after={self.stt_open_after} zero_ms={self.stt_zero_ms} "
             f"reconnects during={self.stt_reconnects_during_close} after={self.stt_reconnects_after_close}; tts_open={self.tts_open_after} "
-            f"llm_open={self.llm_open_after}; clean={self.clean_closes}; close_events={self.close_events}"
+            f"llm_open={self.llm_open_after}; realtime_open at_close={self.realtime_open_at_close} "
+            f"after={self.realtime_open_after}; tasks_left={self.tasks_left} {self.tasks_left_names}; "
+            f"clean={self.clean_closes}; close_events={self.close_events}"
             + (f"; error={self.error}" if self.error else "")
         )
 
@@ -96,18 +108,20 @@ class _E2ERun:
     def __post_init__(self) -> None:
         s = self.server
         self._saved = (s.stall, s.stall_kinds, list(s.llm_script))
+        self._saved_realtime = (list(s.realtime_script), s.realtime_item_delay)
 
     def stall(self) -> None:
-        """The stand-in stops answering the scenario's stalled kind."""
+        """The stand-in stalls the scenario's stalled kind the scenario's way."""
         assert self.sc.stall is not None
         self.server.stall_kinds = frozenset({self.sc.stall[0]})
-        self.server.stall = "never_answer"
+        self.server.stall = self.sc.stall_mode
 
     def release(self) -> None:
         """Release what the agent parked and put the server's switches back."""
         self.ctx.release.set()
         self.server.stall, self.server.stall_kinds = self._saved[0], self._saved[1]
         self.server.llm_script[:] = self._saved[2]
+        self.server.realtime_script[:], self.server.realtime_item_delay = self._saved_realtime
 
 
 @dataclass
@@ -121,6 +135,8 @@ class _CloseSeen:
     zero_ms: float | None
     total_at_close: int
     total_at_end: int
+    realtime_at_close: int = 0
+    left: list[str] = field(default_factory=list)
 
 
 class _FirstZero:
@@ -165,6 +181,8 @@ def _engaged_check(sc: E2EScenario, ctx: E2EContext, server: ProviderServer) -> 
         return ctx.tool_entered.is_set
     if sc.engaged == "llm_open":
         return lambda: server.open_connections("llm") >= 1
+    if sc.engaged == "realtime_open":
+        return lambda: server.open_connections("openai_realtime") >= 1
     if sc.engaged == "llm_done":
         # the reply's text was streamed in full: it is in the (stalled) TTS stream now
         return lambda: any(e.startswith("closed#") and e.endswith(":clean") for e in server.events("llm"))
@@ -177,10 +195,14 @@ async def _start_engaged(
     """Start the session on the real plugins, trigger the scenario and wait (bounded) until
     its fault is engaged: (session, audio input, engaged). A miss is noted in ``run.err``."""
     sc, server = run.sc, run.server
-    server.llm_script[:] = list(sc.script)
+    if sc.realtime:
+        server.realtime_script[:] = list(sc.script)
+        server.realtime_item_delay = sc.item_delay
+    else:
+        server.llm_script[:] = list(sc.script)
     if sc.stall is not None and sc.stall[1] == "before_start":
         run.stall()
-    run.models = make_models(server, run.stt)
+    run.models = make_models(server, run.stt, realtime=sc.realtime)
     session, audio = make_e2e_session(run.models)
     session.on("close", run.closes.append)
     await session.start(E2EAgent(run.ctx, tool=sc.tool, on_exit=sc.on_exit))
@@ -211,9 +233,9 @@ async def _close_and_watch(
     stt_before = server.open_connections(kind)
     total_at_close = server.total_connections(kind)
     t0 = time.monotonic()
-    if mute_on_close:
+    if mute_on_close or run.sc.path == "disconnect":
         audio.mode = "mute"
-    closer = run.closer = asyncio.ensure_future(session.aclose())
+    closer = run.closer = asyncio.ensure_future(_close(session, run.sc.path))
     zero = _FirstZero(server, kind, t0)
     while not closer.done() and time.monotonic() - t0 < limit:
         zero.poll()
@@ -224,8 +246,33 @@ async def _close_and_watch(
         run.err = run.err or repr(exc)
     t_end = time.monotonic()
     total_at_end = server.total_connections(kind)
+    await asyncio.sleep(SERVER_GRACE)
+    realtime_at_close = server.open_connections("openai_realtime")
+    left = _left_running(session)
     at_close = await _observe(zero, server, kind, t_end, observe)
-    return _CloseSeen(ms, closed, stt_before, at_close, zero.ms, total_at_close, total_at_end)
+    return _CloseSeen(
+        ms, closed, stt_before, at_close, zero.ms, total_at_close, total_at_end, realtime_at_close, left
+    )
+
+
+async def _close(session: AgentSession[Any], path: str) -> None:
+    """Close the session by ``path``: ``aclose()``, or close-on-disconnect as room io does
+    it when the linked participant (a SIP caller) hangs up, awaited through its task."""
+    if path == "aclose":
+        await session.aclose()
+        return
+    session._close_soon(reason=CloseReason.PARTICIPANT_DISCONNECTED)
+    task = session._closing_task
+    if task is not None:
+        await asyncio.shield(task)
+
+
+def _left_running(session: AgentSession[Any]) -> list[str]:
+    """What the post-close audit finds still running for ``session`` (zombies included)."""
+    from ...audit import audit
+
+    found = audit(session)
+    return [t.name for t in found.tasks + found.zombies]
 
 
 async def _observe(
@@ -277,6 +324,10 @@ def _outcome(
         report=lsc.last_close_report(session) if patched else None,
         error=run.err,
         events={k: server.events(k) for k in KINDS},
+        realtime_open_at_close=seen.realtime_at_close,
+        realtime_open_after=server.open_connections("openai_realtime"),
+        tasks_left=len(seen.left),
+        tasks_left_names=seen.left,
     )
 
 

@@ -97,26 +97,25 @@ async def _close(ctx: Ctx, sc: Scenario) -> None:
 
 
 async def _closed_event(ctx: Ctx) -> None:
-    """The end of the close a ``_close_soon`` path started: its close event, or (a session
-    whose start() never finished emits none) its closing task; then that task's end. A
-    closing task that was already done is a stale one (upstream never resets it)."""
-    assert ctx.session is not None
-    close = closing_of(ctx.session, live_only=False)
-    task = close.task if close is not None else ctx.session._closing_task
-    live = task is not None and not task.done()
+    """The end of the close a ``_close_soon`` path started: its close event (or, on vanilla,
+    the end of upstream's closing task, if that comes first), then the end of the layer's
+    close, whose report is published a moment after the event. A closing task that was
+    already done is a stale one (upstream never resets it)."""
+    session = ctx.session
+    assert session is not None
+    task = session._closing_task
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(ctx.extra["closed"].wait())}
-    if live:
-        assert task is not None
+    if task is not None and not task.done():
         waiters.add(task)
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if live:
-            assert task is not None
-            await asyncio.wait({task})
     finally:
         for w in waiters:
             if w is not task:
                 w.cancel()
+    close = closing_of(session, live_only=False)
+    if close is not None and close.task is not None:
+        await asyncio.wait({close.task})
 
 
 def make_session(

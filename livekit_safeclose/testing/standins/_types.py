@@ -25,11 +25,11 @@ __all__ = [
     "StallMode",
 ]
 
-Kind = Literal["inference_stt", "inference_tts", "deepgram_stt", "llm"]
-StallMode = Literal["never_answer", "no_handshake"]
+Kind = Literal["inference_stt", "inference_tts", "deepgram_stt", "llm", "openai_realtime"]
+StallMode = Literal["never_answer", "no_handshake", "no_close_ack"]
 QuotaMode = Literal["http429", "error_frame"]
 
-KINDS: Final[tuple[Kind, ...]] = ("inference_stt", "inference_tts", "deepgram_stt", "llm")
+KINDS: Final[tuple[Kind, ...]] = ("inference_stt", "inference_tts", "deepgram_stt", "llm", "openai_realtime")
 STT_KINDS: Final[frozenset[Kind]] = frozenset({"inference_stt", "deepgram_stt"})
 
 

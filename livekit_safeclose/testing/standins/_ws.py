@@ -35,6 +35,7 @@ __all__ = [
     "MessageHooks",
     "WsProtocol",
     "ack_close",
+    "hold_until_dropped",
     "idle_watchdog",
     "open_websocket",
     "receive_until_closed",
@@ -106,9 +107,23 @@ async def slow_close_pause(server: ProviderServer, conn: Conn) -> None:
 
 
 async def ack_close(server: ProviderServer, conn: Conn, ws: Websocket) -> None:
-    """Answer the client's close frame, `slow_close` seconds late."""
+    """Answer the client's close frame, `slow_close` seconds late; under the
+    `no_close_ack` stall never: the socket is held until the client drops it."""
+    if server._stall_for(conn.kind) == "no_close_ack":
+        conn.log("stall:no_close_ack")
+        await hold_until_dropped(server, conn)
+        return
     await slow_close_pause(server, conn)
     await ws.close()
+
+
+async def hold_until_dropped(server: ProviderServer, conn: Conn) -> None:
+    """Answer nothing until the client drops the connection (or the server stops)."""
+    while not server._stopping:
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(0.05)
 
 
 async def idle_watchdog(server: ProviderServer, conn: Conn, on_idle: Callable[[], Awaitable[None]]) -> None:

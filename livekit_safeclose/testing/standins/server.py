@@ -26,7 +26,7 @@ from typing import Any, Final, cast
 from aiohttp import WSCloseCode, web
 from livekit import api
 
-from . import deepgram, inference_stt, inference_tts, openai_chat
+from . import deepgram, inference_stt, inference_tts, openai_chat, openai_realtime
 from ._ledger import ConnectionLedger, LogEntry
 from ._llm import LLMReply, LLMRequest
 from ._types import Handler, InferenceCredentials, Kind, QuotaMode, Route, StallMode
@@ -46,11 +46,13 @@ ROUTES: Final[tuple[Route, ...]] = (
     *inference_tts.ROUTES,
     *deepgram.ROUTES,
     *openai_chat.ROUTES,
+    *openai_realtime.ROUTES,
 )
 
 
 class ProviderServer:
-    """Threaded stand-in for LiveKit Inference (STT/TTS/LLM), Deepgram and OpenAI.
+    """Threaded stand-in for LiveKit Inference (STT/TTS/LLM), Deepgram and OpenAI (chat
+    completions and the Realtime websocket).
 
     Counter semantics, per kind:
       * total_connections: every request that reached the route, including ones
@@ -62,7 +64,7 @@ class ProviderServer:
         `session.close` (inference STT), `CloseStream` (Deepgram), a client-initiated
         close frame (inference TTS, whose protocol has no goodbye message and whose
         pooled sockets are closed with a bare close frame), a completed stream
-        (LLM, `[DONE]` written).
+        (LLM, `[DONE]` written), a client close frame (OpenAI Realtime).
       * rejected: quota refusals (either mode).
 
     Switches (plain attributes, thread-safe to assign at any time):
@@ -80,6 +82,8 @@ class ProviderServer:
         answering (no upgrade, no LLM response headers); "never_answer" completes the
         upgrade (LLM: sends 200 + SSE headers) and then sends no application message.
         The websocket close handshake is still answered (subject to slow_close).
+        "no_close_ack" serves the protocol as usual but never answers a client's close
+        frame: the socket is held until the client drops it.
         `stall_kinds=None` applies the stall to every kind.
       * slow_close: seconds to wait before acknowledging a client goodbye/close:
         before `session.closed` + close frame (inference), before the final
@@ -95,6 +99,10 @@ class ProviderServer:
         pending speech as a final. A 440 Hz tone at 0.3 amplitude (RMS ~0.21) is
         speech, digital silence is not (see SpeechDetector).
       * tts_ms_per_word: duration of synthesized audio per input word.
+      * realtime_item_delay: seconds before the Realtime stand-in confirms a tool result
+        (`function_call_output` item); realtime_audio_seconds: audio per spoken reply;
+        realtime_refusal: an error code the Realtime stand-in answers every connection
+        with, in-band, before closing it (None: serve).
     """
 
     def __init__(
@@ -124,11 +132,15 @@ class ProviderServer:
         self.speech_min_seconds: float = 0.5
         self.speech_rms_threshold: float = 0.02
         self.tts_ms_per_word: float = 60.0
+        self.realtime_item_delay: float = 0.0
+        self.realtime_audio_seconds: float = 0.2
+        self.realtime_refusal: str | None = None
 
         self._ledger = ConnectionLedger()
         self._llm_lock = threading.Lock()
         self._llm_script: list[LLMReply] = []
         self._llm_requests: list[LLMRequest] = []
+        self._realtime_script: list[LLMReply] = []
         self._verifier = api.TokenVerifier(api_key, api_secret)
 
         self._thread: threading.Thread | None = None
@@ -216,7 +228,8 @@ class ProviderServer:
 
     @property
     def openai_url(self) -> str:
-        """`base_url=` for openai.LLM: the SDK appends /chat/completions."""
+        """`base_url=` for openai.LLM (the SDK appends /chat/completions) and for
+        openai.realtime.RealtimeModel (the client makes it ws://.../v1/realtime)."""
         return f"{self.base_url}/v1"
 
     def inference_credentials(self) -> InferenceCredentials:
@@ -299,6 +312,23 @@ class ProviderServer:
     def _record_llm_request(self, request: LLMRequest) -> None:
         with self._llm_lock:
             self._llm_requests.append(request)
+
+    # ------------------------------------------------------------------ Realtime script
+
+    @property
+    def realtime_script(self) -> list[LLMReply]:
+        """The Realtime stand-in's reply queue (one per response), like `llm_script`."""
+        return self._realtime_script
+
+    def script_realtime(self, *replies: LLMReply) -> None:
+        with self._llm_lock:
+            self._realtime_script.extend(replies)
+
+    def _next_realtime_reply(self) -> LLMReply:
+        with self._llm_lock:
+            if self._realtime_script:
+                return self._realtime_script.pop(0)
+        return LLMReply(text="ok")
 
     # ------------------------------------------------------------------ helpers for the protocols
 

@@ -2,7 +2,8 @@
 
 Run by the tests as ``python scenario_agent.py start --url ... --api-key ... --api-secret ...``.
 
-SC_PATCHES       comma list of ``signal_guard`` / ``drain_availability`` to install at import
+SC_PATCHES       comma list of ``signal_guard`` / ``drain_availability``: the worker parts
+                 ``livekit_safeclose.install()`` applies at import (the others off)
 SC_HANDLER       which user SIGTERM handler to install, and where (see ``_install_handler``)
 SC_REQUEST_BLOCK seconds the first ``request_fnc`` blocks the event loop (``time.sleep``)
 SC_LATE_ACCEPT   seconds the second ``request_fnc`` awaits before accepting (a slow lookup)
@@ -37,12 +38,13 @@ if hasattr(signal, "SIGUSR2"):  # `kill -USR2 <pid>` dumps every thread's stack 
     faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 if PATCHES:
-    from livekit_safeclose import worker as safeclose_worker
+    import livekit_safeclose
 
-    if "signal_guard" in PATCHES:
-        safeclose_worker.install_signal_guard()
-    if "drain_availability" in PATCHES:
-        safeclose_worker.install_drain_availability()
+    livekit_safeclose.install(
+        signal_guard="signal_guard" in PATCHES,
+        drain_availability="drain_availability" in PATCHES,
+        bounded_drain_end=False,
+    )
 
 
 def mark(text: str) -> None:

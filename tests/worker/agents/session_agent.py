@@ -3,9 +3,10 @@ against a stand-in provider server, chosen by environment variables.
 
 Run by the tests as ``python session_agent.py start --url ... --drain-timeout N ...``.
 
-SC_LAYER          "1": ``livekit_safeclose.install()`` + ``install_worker()`` at import (so in
-                  the worker and in every job process); "" = vanilla livekit-agents
+SC_LAYER          "1": ``livekit_safeclose.install()`` at import (so in the worker and in every
+                  job process); "" = vanilla livekit-agents
 SC_DRAIN, SC_CLOSE the layer's drain_timeout / close_timeout
+SC_SECOND_CLOSE   "1": ``install(force_close_on_second_signal=True)``
 SC_PROVIDER       the stand-in's base URL (http://127.0.0.1:PORT)
 SC_MODE           "stuck_tool": the job asks the LLM (scripted by the test to call ``lookup``)
                   and the tool parks forever; the entrypoint returns, the session lives on.
@@ -67,8 +68,11 @@ from livekit_safeclose import worker as safeclose_worker  # noqa: E402
 if LAYER:
     import livekit_safeclose
 
-    livekit_safeclose.install(drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
-    safeclose_worker.install_worker(close_timeout=CLOSE_TIMEOUT)
+    livekit_safeclose.install(
+        drain_timeout=DRAIN_TIMEOUT,
+        close_timeout=CLOSE_TIMEOUT,
+        force_close_on_second_signal=os.environ.get("SC_SECOND_CLOSE", "") == "1",
+    )
 
 
 def mark(text: str) -> None:
