@@ -1,7 +1,7 @@
 """The version matrix: every release's venv built (or reused), its catalogue run, one table.
 
 Releases run side by side: up to ``jobs`` catalogue shards at once (the runs mostly wait on
-bounds, so several fit on two cores), venvs built two at a time. Each shard is one process in
+bounds, so several fit on two cores), venvs built up to three at a time. Each shard is one process in
 its release's venv under a hard kill bound, so a hang, even of the runner itself, ends as a
 recorded error and never hangs the matrix.
 """
@@ -112,7 +112,7 @@ class Matrix:
 
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        with ThreadPoolExecutor(self.jobs) as runner, ThreadPoolExecutor(min(2, self.jobs)) as builder:
+        with ThreadPoolExecutor(self.jobs) as runner, ThreadPoolExecutor(min(3, self.jobs)) as builder:
             builds = [builder.submit(self._build, r, runner) for r in self.releases]
             shards: list[Future[None]] = []
             for build in builds:

@@ -116,7 +116,7 @@ def _undeclared(venv: Venv, installer: _Installer) -> bool:
     bytecode of exactly what the runs import (compiling every installed package up front
     would cost more than it saves)."""
     for _ in range(4):
-        proc = _run([venv.python, "-c", _IMPORT_CHECK], timeout=120)
+        proc = _run([venv.python, "-c", _IMPORT_CHECK])
         if proc.returncode == 0:
             return True
         found = re.search(r"No module named '([^'.]+)", proc.stderr)
