@@ -39,8 +39,8 @@ class _Records(logging.Handler):
 
 
 def install_check() -> dict[str, Any]:
-    """``install()`` with its defaults (every worker part asked for): what installs, what is
-    refused by name and why, and the warnings it logs."""
+    """``install()`` with every part asked for (the defaults plus the opt-in second-signal
+    close): what installs, what is refused by name and why, and the warnings it logs."""
     import livekit_safeclose as lsc
     from livekit_safeclose import compat
     from livekit_safeclose.options import WORKER_PARTS, Options
@@ -50,12 +50,12 @@ def install_check() -> dict[str, Any]:
     logger.addHandler(records)
     out: dict[str, Any] = {"shapes": compat.detect_shapes()}
     try:
-        lsc.install()
+        lsc.install(force_close_on_second_signal=True)
     except lsc.IncompatibleLivekitAgents as exc:
         return {**out, "ok": False, "error": str(exc), "parts": [], "refused": {}, "warnings": []}
     finally:
         logger.removeHandler(records)
-    wanted = Options().parts()
+    wanted = Options(force_close_on_second_signal=True).parts()
     out |= {
         "ok": True,
         "error": "",
