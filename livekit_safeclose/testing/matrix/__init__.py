@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the venvs instead of reusing them")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown here")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only write the table of an earlier run's JSON",
+    )
 
 
 def _releases(args: argparse.Namespace) -> list[str]:
@@ -69,6 +76,13 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from .run import Matrix
     from .table import markdown
 
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        text = markdown(results, command=str(results.get("command", "")))
+        if args.markdown:
+            args.markdown.write_text(text)
+        print(text)
+        return 0 if ok(results) else 1
     releases = _releases(args)
     results = Matrix(
         releases,

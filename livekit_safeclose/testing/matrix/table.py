@@ -183,6 +183,21 @@ def failures(results: dict[str, Any]) -> str:
     return "\n".join(lines) or "None."
 
 
+LEGEND = (
+    "Each release runs in its own venv (`livekit-agents==X` and `livekit-plugins-silero==X`). "
+    "*installs*: `pip install` works, `import livekit.agents` works (with what the release imports "
+    "without declaring it, in brackets) and `install()` succeeds. *adapters*: the forms of the "
+    "internals that differ between releases, where they are not 1.8.9's (`livekit_safeclose/adapters.py`). "
+    "*fixed*: the scenario hangs (or leaks) on vanilla and closes with the layer within its bound, with "
+    "0 provider streams open, one close event and nothing left running but reported zombies. "
+    "*hang on vanilla*: scenarios whose vanilla close did not end within the vanilla limit or left "
+    "something open. *n/a*: the scenario's feature does not exist on the release (reasons below). "
+    "*layer fails*: scenarios the layer did not close clean within the bound, run errors, and controls "
+    "that failed on vanilla. *worker parts*: the parts `install()` refuses by name there (the rest "
+    "installs). *time*: the slower of the release's two catalogue processes."
+)
+
+
 def markdown(results: dict[str, Any], *, command: str) -> str:
     n = len(results["releases"])
     return (
@@ -191,6 +206,7 @@ def markdown(results: dict[str, Any], *, command: str) -> str:
                 f"# livekit-safeclose version matrix: {n} release(s)",
                 f"Reproduce: `{command}` ({results['scenarios']} catalogue, {results['jobs']} jobs; "
                 f"wall time {results['wall_s']:.0f} s).",
+                LEGEND,
                 release_table(results),
                 "## Vanilla evidence by hang class",
                 evidence_table(results),
