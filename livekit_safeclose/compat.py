@@ -8,6 +8,10 @@ same table: a part whose internals are missing is refused by name while the rest
 
 ``optional`` rows are read with a default (a missing one narrows what the layer sees, it
 never breaks a close); they are listed so that every internal touched is in one place.
+
+Where releases differ, the rows of one difference carry a ``shape`` (``"difference:form"``):
+the difference is met when every row of one of its forms is, and :func:`shape` names the form
+the installed release has, which is how :mod:`.adapters` chooses (never by version string).
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from .patching import resolve
 
 logger = logging.getLogger("livekit.agents.safeclose")
 
-#: releases the version matrix has tested; a newer one runs if its shapes match, with
-#: one warning naming this range
-TESTED_RANGE = ">=1.8.9,<1.9"
-_TESTED_MIN = (1, 8, 9)
+#: releases the version matrix has tested (``livekit-safeclose matrix --all``); a newer one
+#: runs if its shapes match, with one warning naming this range
+TESTED_RANGE = ">=1.5.0,<1.9"
+_TESTED_MIN = (1, 5, 0)
 _TESTED_MAX_EXCLUSIVE = (1, 9, 0)
 
 #: a patch-table part, or a read-only feature that reads internals too
@@ -54,11 +58,22 @@ class Requirement:
     kind: Kind
     params: tuple[str, ...] = ()
     optional: bool = False
+    #: ``"difference:form"``: this row belongs to one form of an internal that differs
+    #: between releases; any one complete form meets the difference
+    shape: str | None = None
 
     @property
     def where(self) -> str:
         head = self.owner.split(":", 1)[1] if ":" in self.owner else self.owner
         return f"{head}.{self.name}"
+
+    @property
+    def difference(self) -> str | None:
+        return self.shape.partition(":")[0] if self.shape else None
+
+    @property
+    def form(self) -> str:
+        return self.shape.partition(":")[2] if self.shape else ""
 
 
 def _code_names(fn: Any) -> set[str]:
@@ -109,17 +124,66 @@ def problem(req: Requirement) -> str | None:
     return None
 
 
+def _table(table: Iterable[Requirement] | None) -> tuple[Requirement, ...]:
+    from .compat_table import REQUIREMENTS
+
+    return tuple(REQUIREMENTS if table is None else table)
+
+
+def _forms(rows: Iterable[Requirement]) -> dict[str, dict[str, list[Requirement]]]:
+    """The shape rows, by difference and form, in table order."""
+    out: dict[str, dict[str, list[Requirement]]] = {}
+    for req in rows:
+        if req.difference:
+            out.setdefault(req.difference, {}).setdefault(req.form, []).append(req)
+    return out
+
+
+def detect_shapes(table: Iterable[Requirement] | None = None) -> dict[str, str | None]:
+    """For every difference, the first form (in table order) whose rows are all met on the
+    installed release; ``None`` when no form is complete."""
+    found: dict[str, str | None] = {}
+    for difference, forms in _forms(_table(table)).items():
+        found[difference] = next(
+            (form for form, rows in forms.items() if all(problem(r) is None for r in rows)), None
+        )
+    return found
+
+
+_shapes: dict[str, str | None] | None = None
+
+
+def shape(difference: str) -> str | None:
+    """The form of ``difference`` the installed release has (detected by :func:`check`, or
+    on first use)."""
+    global _shapes
+    if _shapes is None:
+        _shapes = detect_shapes()
+    return _shapes.get(difference)
+
+
 def problems(
     features: Iterable[Feature], table: Iterable[Requirement] | None = None
 ) -> dict[Feature, list[str]]:
-    """Unmet requirements per feature (optional rows never count)."""
-    from .compat_table import REQUIREMENTS
-
+    """Unmet requirements per feature (optional rows never count). A difference none of
+    whose forms is complete counts once, naming what each form lacks."""
+    rows = _table(table)
     wanted = set(features)
     out: dict[Feature, list[str]] = {}
-    for req in REQUIREMENTS if table is None else table:
-        if req.part in wanted and not req.optional and (p := problem(req)) is not None:
+    for req in rows:
+        if req.part in wanted and not req.optional and not req.shape and (p := problem(req)) is not None:
             out.setdefault(req.part, []).append(p)
+    for difference, forms in _forms(rows).items():
+        parts = {r.part for rs in forms.values() for r in rs if not r.optional} & wanted
+        lacking = {form: [p for r in rs if (p := problem(r)) is not None] for form, rs in forms.items()}
+        if parts and all(lacking.values()):
+            text = (
+                f"{difference}: none of its forms is complete ("
+                + "; ".join(f"{form} lacks {', '.join(ps)}" for form, ps in lacking.items())
+                + ")"
+            )
+            for part in sorted(parts):
+                out.setdefault(part, []).append(text)
     return out
 
 
@@ -158,9 +222,12 @@ def check(parts: Iterable[Part], *, table: Iterable[Requirement] | None = None) 
     """The parts that can be installed on this release, in order. Raises
     :class:`IncompatibleLivekitAgents` when a session part (the close itself) cannot; a
     worker part that cannot is refused by name in one WARNING and left out."""
+    global _shapes
     version = installed_version()
     wanted = tuple(parts)
     found = problems(wanted, table)
+    if table is None:
+        _shapes = detect_shapes()
     session_problems = [p for part in ("core", "stream_ledger") for p in found.get(part, [])]
     if session_problems:
         raise IncompatibleLivekitAgents(

@@ -14,6 +14,8 @@ ACTIVITY = "livekit.agents.voice.agent_activity:AgentActivity"
 EXECUTOR = "livekit.agents.voice.tool_executor:_ToolExecutor"
 RECOGNITION = "livekit.agents.voice.audio_recognition:AudioRecognition"
 SPEECH = "livekit.agents.voice.speech_handle:SpeechHandle"
+OPTIONS = "livekit.agents.voice.agent_session:AgentSessionOptions"
+TASK_INFO = "livekit.agents.voice.agent:_ActivityTaskInfo"
 SERVER = "livekit.agents.worker:AgentServer"
 PROC = "livekit.agents.ipc.supervised_proc:SupervisedProc"
 JOB_PROC = "livekit.agents.ipc.job_proc_lazy_main:_JobProc"
@@ -31,9 +33,10 @@ CORE: tuple[R, ...] = (
     R("core", SESSION, "_lock", "init_attr"),
     R("core", SESSION, "_activity", "init_attr"),
     R("core", SESSION, "_started", "init_attr"),
-    R("core", SESSION, "_update_activity_task", "method"),
     R("core", SESSION, "_cancel_user_away_timer", "method"),
-    R("core", SESSION, "_opts", "init_attr", optional=True),  # session_close_transcript_timeout
+    R("core", SESSION, "_opts", "init_attr", optional=True),
+    # absent before 1.5.3: the close waits a fixed 2 s (adapters.FIXED_TRANSCRIPT_WAIT)
+    R("core", OPTIONS, "session_close_transcript_timeout", "field", optional=True),
     R("core", SESSION, "_agent", "init_attr", optional=True),  # the report's label
     R("core", ACTIVITY, "_session", "init_attr"),
     R("core", ACTIVITY, "_lock", "init_attr"),
@@ -41,12 +44,8 @@ CORE: tuple[R, ...] = (
     R("core", ACTIVITY, "_speech_tasks", "init_attr"),
     R("core", ACTIVITY, "_scheduling_atask", "init_attr"),
     R("core", ACTIVITY, "_scheduling_paused", "init_attr"),
-    R("core", ACTIVITY, "_tool_executor", "init_attr"),
     R("core", ACTIVITY, "_audio_recognition", "init_attr"),
-    R("core", ACTIVITY, "_add_drain_blocked_tasks", "method"),
     R("core", ACTIVITY, "_rt_session", "init_attr", optional=True),
-    R("core", EXECUTOR, "_running_tasks", "init_attr"),
-    R("core", RECOGNITION, "_aclose", "method"),
     R("core", RECOGNITION, "_stt_pipeline", "init_attr", optional=True),
     R("core", "livekit.agents.voice.agent:Agent", "_activity", "init_attr"),
     R("core", "livekit.agents.voice.agent:AgentTask", "_old_agent", "init_attr"),
@@ -55,7 +54,29 @@ CORE: tuple[R, ...] = (
     R("core", SPEECH, "_tasks", "init_attr"),
     R("core", SPEECH, "_mark_done", "method"),
     R("core", "livekit.agents.beta.tools.end_call:EndCallTool", "_end_call", "method", optional=True),
-)
+    # -- what differs between releases: one form each (see adapters) ---------------------
+    # the running tools: the executor's registry, or (1.5.x) func_exec_* tasks tagged with
+    # the speech handle that runs them
+    R("core", ACTIVITY, "_tool_executor", "init_attr", shape="tool_registry:executor"),
+    R("core", EXECUTOR, "_running_tasks", "init_attr", shape="tool_registry:executor"),
+    R("core", TASK_INFO, "function_call", "field", shape="tool_registry:tagged_tasks"),
+    R("core", TASK_INFO, "speech_handle", "field", shape="tool_registry:tagged_tasks"),
+    # tasks drain() must not wait for: a set with an adder, or (before 1.6.1) a list that
+    # the pause replaces (adapters.wrap_pause_scheduling puts the layer's entries back)
+    R("core", ACTIVITY, "_add_drain_blocked_tasks", "method", shape="drain_blocked:set"),
+    R("core", ACTIVITY, "_pause_scheduling_task", "method", ("blocked_tasks",), shape="drain_blocked:list"),
+    R("core", ACTIVITY, "_pause_scheduling_task", "uses", ("_drain_blocked_tasks",), shape="drain_blocked:list"),
+    R("core", ACTIVITY, "_wake_up_scheduling_task", "method", shape="drain_blocked:list"),
+    # the audio recognition's close: private from 1.6.5, public before
+    R("core", RECOGNITION, "_aclose", "method", shape="recognition_close:private"),
+    R("core", RECOGNITION, "aclose", "method", shape="recognition_close:public"),
+    # what start() runs its first activity in: _update_activity_task from 1.7.0, before
+    # that _update_activity directly
+    R("core", SESSION, "start", "uses", ("_update_activity_task",), shape="first_activity:update_activity_task"),
+    R("core", SESSION, "_update_activity_task", "method", shape="first_activity:update_activity_task"),
+    R("core", SESSION, "start", "uses", ("_update_activity",), shape="first_activity:update_activity"),
+    R("core", SESSION, "_update_activity", "method", shape="first_activity:update_activity"),
+)  # fmt: skip
 
 STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
 TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"

@@ -33,6 +33,10 @@ PATCHES: tuple[Patch, ...] = (
     Patch(CORE, ACTIVITY, "aclose", "livekit_safeclose.activity:wrap_aclose",
           "when force-closing: every tool cancelled first, upstream's body watched, streams "
           "stopped if a model close hangs"),
+    Patch(CORE, ACTIVITY, "_pause_scheduling_task", "livekit_safeclose.adapters:wrap_pause_scheduling",
+          "releases whose drain-blocked tasks are a list the pause replaces (before 1.6.1): "
+          "the tasks the close exempted (a tool awaiting the close) stay blocked",
+          shape="drain_blocked:list"),
     Patch(LEDGER, "livekit.agents.stt:RecognizeStream", "__init__", "livekit_safeclose.streams:stt_init",
           "registers the stream in the ledger until its main task ends"),
     Patch(LEDGER, "livekit.agents.tts:SynthesizeStream", "__init__", "livekit_safeclose.streams:tts_init",

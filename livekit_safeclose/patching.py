@@ -57,6 +57,9 @@ class Patch:
     #: the owner's module is an optional extra that is slow to import: never imported for
     #: the row, which is applied once the module is (by :func:`apply` or :func:`catch_up`)
     if_imported: bool = False
+    #: ``"difference:form"`` (see :mod:`.compat`): applied only where the installed release
+    #: has that form of the difference
+    shape: str | None = None
 
     @property
     def module(self) -> str:
@@ -105,6 +108,12 @@ def _make(row: Patch, owner: Any, options: Options) -> tuple[Any, Any]:
 def _apply_row(row: Patch, options: Options) -> None:
     if row.if_imported and row.module not in sys.modules:
         return
+    if row.shape is not None:
+        from .compat import shape
+
+        difference, _, form = row.shape.partition(":")
+        if shape(difference) != form:
+            return
     try:
         owner = resolve(row.owner)
     except (ImportError, AttributeError):

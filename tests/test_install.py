@@ -263,7 +263,91 @@ def test_stand_in_module_shape_names_what_is_missing() -> None:
 
 
 def test_installed_release_meets_every_requirement() -> None:
-    assert {r.where: compat.problem(r) for r in REQUIREMENTS if compat.problem(r)} == {}
+    """Every plain row is met, and every difference between releases has the newest form
+    here (the other forms' rows name internals this release no longer has)."""
+    plain = [r for r in REQUIREMENTS if r.shape is None]
+    assert {r.where: compat.problem(r) for r in plain if compat.problem(r)} == {}
+    assert compat.problems({r.part for r in REQUIREMENTS}) == {}
+    assert compat.detect_shapes() == {
+        "tool_registry": "executor",
+        "drain_blocked": "set",
+        "recognition_close": "private",
+        "first_activity": "update_activity_task",
+    }
+
+
+def _release_with_forms(*, new: bool) -> types.ModuleType:
+    """A module shaped like a newer (``new``) or an older release of one internal."""
+    shape = types.ModuleType("safeclose_fake_forms")
+
+    class Recognition:
+        if new:
+
+            async def _aclose(self) -> None: ...
+
+        else:
+
+            async def aclose(self) -> None: ...
+
+    shape.Recognition = Recognition  # type: ignore[attr-defined]
+    return shape
+
+
+_FORMS = (
+    Requirement("core", "safeclose_fake_forms:Recognition", "_aclose", "method", shape="close:private"),
+    Requirement("core", "safeclose_fake_forms:Recognition", "aclose", "method", shape="close:public"),
+)
+
+
+@pytest.mark.parametrize(("new", "form"), [(True, "private"), (False, "public")])
+def test_a_difference_is_met_by_any_complete_form(new: bool, form: str) -> None:
+    sys.modules["safeclose_fake_forms"] = _release_with_forms(new=new)
+    try:
+        assert compat.problems({"core"}, _FORMS) == {}
+        assert compat.detect_shapes(_FORMS) == {"close": form}
+    finally:
+        del sys.modules["safeclose_fake_forms"]
+
+
+def test_a_difference_with_no_complete_form_names_what_each_form_lacks() -> None:
+    sys.modules["safeclose_fake_forms"] = types.ModuleType("safeclose_fake_forms")
+    sys.modules["safeclose_fake_forms"].Recognition = type("Recognition", (), {})  # type: ignore[attr-defined]
+    try:
+        assert compat.problems({"core"}, _FORMS) == {
+            "core": [
+                "close: none of its forms is complete (private lacks Recognition._aclose(); "
+                "public lacks Recognition.aclose())"
+            ]
+        }
+        assert compat.detect_shapes(_FORMS) == {"close": None}
+        with pytest.raises(lsc.IncompatibleLivekitAgents, match=r"none of its forms"):
+            compat.check(("core",), table=_FORMS)
+    finally:
+        del sys.modules["safeclose_fake_forms"]
+
+
+def test_a_row_for_one_form_is_applied_only_where_the_release_has_that_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The list-form drain-blocked wrapper exists for releases before 1.6.1; on this one
+    (``set`` form) ``install()`` leaves ``_pause_scheduling_task`` alone, and a release
+    detected as ``list`` gets it."""
+    from livekit.agents.voice.agent_activity import AgentActivity
+
+    row = next(r for r in PATCHES if r.shape == "drain_blocked:list")
+    original = AgentActivity.__dict__["_pause_scheduling_task"]
+    lsc.install()
+    assert not patching.is_applied(row)
+    assert AgentActivity.__dict__["_pause_scheduling_task"] is original
+    lsc.uninstall()
+    monkeypatch.setattr(compat, "_shapes", {**compat.detect_shapes(), "drain_blocked": "list"})
+    patching.apply(PATCHES, ("core",), Options(worker=False))
+    try:
+        assert patching.is_applied(row)
+        assert AgentActivity.__dict__["_pause_scheduling_task"].__wrapped__ is original
+    finally:
+        patching.revert_all()
+    assert AgentActivity.__dict__["_pause_scheduling_task"] is original
 
 
 def test_every_module_imports_without_livekit_agents() -> None:
@@ -291,7 +375,15 @@ def test_every_module_imports_without_livekit_agents() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "ok"), [("1.8.9", True), ("1.8.12rc1", True), ("1.7.3", False), ("1.9.0", False)]
+    ("text", "ok"),
+    [
+        ("1.8.9", True),
+        ("1.8.12rc1", True),
+        ("1.5.0", True),
+        ("1.7.3", True),
+        ("1.4.6", False),
+        ("1.9.0", False),
+    ],
 )
 def test_tested_range(text: str, ok: bool) -> None:
     assert compat.tested(text) is ok

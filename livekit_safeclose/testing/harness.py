@@ -6,10 +6,12 @@ import asyncio
 import time
 from typing import Any
 
+from ..adapters import running_tools
 from ..audit import audit
 from ..bounded_close import closing_of
 from ..report import last_close_report
 from .fakes import FakeLLM, FakeReply, FakeSTT, FakeTTS, FastAudioOutput, ProviderLedger, SilenceInput
+from .features import transcript_kwargs
 from .scenarios import ClosePath, load_vad
 
 
@@ -38,7 +40,8 @@ class SafeCloseHarness:
         plugins), the real Silero VAD, a quiet caller and an instant audio sink."""
         from livekit.agents import AgentSession
 
-        session_kwargs.setdefault("session_close_transcript_timeout", 0.3)
+        for key, value in transcript_kwargs(0.3).items():
+            session_kwargs.setdefault(key, value)
         session: Any = AgentSession(
             stt=stt if stt is not None else FakeSTT(self.ledger),
             llm=llm if llm is not None else FakeLLM(self.ledger),
@@ -67,8 +70,7 @@ class SafeCloseHarness:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             act = session._activity
-            running = act._tool_executor._running_tasks.values() if act is not None else []
-            if any(rt.ctx.function_call.name == name for rt in running):
+            if act is not None and any(tool == name for tool, _ in running_tools(act)):
                 return
             await asyncio.sleep(0.01)
         raise AssertionError(f"tool {name!r} did not start within {wait} s")

@@ -54,6 +54,15 @@ class Scenario:
     #: a regression the fuzzer found: this schedule is replayed step by step (setup,
     #: trigger and path only describe it) and every fuzz invariant is checked
     schedule: Schedule | None = None
+    #: features of livekit-agents the scenario needs (:data:`..features.FEATURES`): on a
+    #: release without one it is "n/a" with the reason, never run
+    requires: tuple[str, ...] = ()
+
+    def not_applicable(self) -> str | None:
+        """Why the scenario cannot run on the installed release, ``None`` when it can."""
+        from ..features import lacking
+
+        return lacking(self.requires)
 
 
 async def _reply_calls_tool(ctx: Ctx) -> None:
@@ -169,6 +178,7 @@ class _HangClass:
     paths: tuple[ClosePath, ...] = CLOSE_PATHS
     during_start: bool = False
     restart: bool = False
+    requires: tuple[str, ...] = ()
 
 
 HANG_CLASSES: tuple[_HangClass, ...] = (
@@ -214,15 +224,15 @@ HANG_CLASSES: tuple[_HangClass, ...] = (
                _faulty_models(llm_stall=True, llm_fault="hang"), _reply_engaged_when_streaming),
     _HangClass("session-toolset-aclose-hang", "session Toolset (MCP-like) whose aclose() hangs",
                "AgentSession gathers toolset.aclose() without a bound.",
-               _toolsets("session", hang_close=True), _engage_now),
+               _toolsets("session", hang_close=True), _engage_now, requires=("toolset_lifecycle",)),
     _HangClass("agent-toolset-aclose-hang", "agent Toolset whose aclose() hangs",
                "AgentActivity.aclose() gathers its agent's toolsets without a bound.",
-               _toolsets("agent", hang_close=True), _engage_now),
+               _toolsets("agent", hang_close=True), _engage_now, requires=("toolset_lifecycle",)),
     # before start() finished no model reports errors yet: no error path
     _HangClass("start-toolset-setup-hang", "closing while start() sets up a toolset that hangs",
                "start() holds the session lock across toolset setup; the close waits for it.",
                _toolsets("agent", hang_setup=True), None, paths=("aclose", "shutdown", "disconnect"),
-               during_start=True),
+               during_start=True, requires=("toolset_lifecycle",)),
     _HangClass("dead-sink", "a reply into a caller who already hung up (the sink never plays out)",
                "The audio sink takes the goodbye's frames but never reports playout "
                "(livekit/agents#5497, #5359): a forced close waits for the interruption "
@@ -348,6 +358,7 @@ def _scenarios() -> list[Scenario]:
             hc.trigger,
             during_start=hc.during_start,
             restart=hc.restart,
+            requires=hc.requires,
             leaves_task=hc.key == "tool-swallow",
             tags=("core",)
             if hc.key in ("tool-park", "tool-swallow", "on-exit-hang", "stt-close-hang")

@@ -21,6 +21,7 @@ import livekit_safeclose as lsc
 from ...bounded_close import closing_of
 from .._runs import LayerForRun, cancel_since, tasks_since
 from ..fakes import DeadAudioOutput, FakeLLM, FakeSTT, FakeTTS, FastAudioOutput, SilenceInput
+from ..features import close_transcript_wait, transcript_kwargs
 from .agents import Ctx
 from .catalogue import SCENARIOS, Scenario
 
@@ -30,6 +31,13 @@ TRANSCRIPT_TIMEOUT = 0.3
 
 #: the graceful bound of the scenarios' layer runs (the option's default is 30 s)
 GRACEFUL_TIMEOUT = 2.0
+
+
+def vanilla_limit(base: float = 1.0) -> float:
+    """How long to wait before calling a vanilla close hung: ``base`` past what a healthy
+    close takes here (a release whose close waits a fixed 2 s for the final transcript
+    gets those 2 s on top of the configured wait)."""
+    return base + max(0.0, close_transcript_wait(TRANSCRIPT_TIMEOUT) - TRANSCRIPT_TIMEOUT)
 
 
 @dataclass
@@ -125,7 +133,7 @@ def make_session(
         tts=FakeTTS(ctx.ledger, **ctx.tts_kwargs),
         tools=ctx.session_tools,
         vad=vad if vad is not None else load_vad(),
-        session_close_transcript_timeout=transcript_timeout,
+        **transcript_kwargs(transcript_timeout),
         **kwargs,
     )
     session.input.audio = SilenceInput()
@@ -235,7 +243,7 @@ async def run_scenario(
     )
     if limit is None:
         bound = close_timeout + (graceful_timeout if sc.path == "graceful" else 0.0)
-        limit = bound + 1.0 if patched or not sc.vanilla_hangs else 1.0
+        limit = bound + 1.0 if patched or not sc.vanilla_hangs else vanilla_limit()
     before = set(asyncio.all_tasks())
     run = _Run(sc)
     try:
