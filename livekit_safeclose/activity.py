@@ -34,6 +34,7 @@ from typing import Any
 from . import toolsets
 from .adapters import close_recognition, forget_tool_tasks, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
+from .ownership import outputs_of
 from .report import StepOutcome
 from .stacks import frames
 
@@ -55,6 +56,7 @@ def force(close: BoundedClose, activity: Any) -> None:
     from livekit.agents.voice.agent import _get_activity_task_info
 
     tasks = unsettled_tasks(activity) + toolsets.tool_tasks(activity)  # a speech waits on these too
+    close.io_objects.update(outputs_of(activity._session))  # the sinks as they are now
     if (sched := activity._scheduling_atask) is not None and not sched.done():
         tasks.append(sched)
     close.cancel(tasks)
@@ -118,6 +120,9 @@ def wrap_drain(original: Method, _options: Any) -> Method:
         close.touch(self)
         start = time.monotonic()
         inner = asyncio.ensure_future(original(self, *args, **kwargs))
+        # upstream detaches the outputs right after the drain: a sink set during the close
+        # (the caller hung up) is seen only now, and a playout wait on it works for the session
+        inner.add_done_callback(lambda _: close.io_objects.update(outputs_of(self._session)))
         forced = False
         try:
             if not await close.wait_phase(inner, drain=True):
