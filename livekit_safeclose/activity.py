@@ -42,6 +42,8 @@ Method = Callable[..., Coroutine[Any, Any, Any]]
 
 #: kept before the teardown bound for completing an abandoned activity close
 COMPLETE_RESERVE = 0.3
+#: how long after the final-transcript wait the models' close may take before a sweep
+TRANSCRIPT_MARGIN = 0.1
 
 
 def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
@@ -207,8 +209,14 @@ def _sweep_at(close: BoundedClose, start: float, allowance: float, reserve: floa
     phase's own bound (less ``reserve``) that the activity's teardown can still finish
     after the sweep."""
     bound = close.steps_deadline() - reserve
-    room = max(0.0, bound - start - close.transcript_timeout)
-    return min(bound - min(UNWIND_GRACE, room / 2), start + close.transcript_timeout + allowance)
+    heard = start + close.transcript_timeout  # the final-transcript wait ends here
+    room = max(0.0, bound - heard)
+    early = bound - min(UNWIND_GRACE, room / 2)
+    if close.holds_transcript():
+        # the transcript wait is never cut for the reserve: a sweep waits until it ended
+        # (and upstream closed the models right after), inside the phase's bound
+        early = max(early, min(heard + TRANSCRIPT_MARGIN, close.steps_deadline() - TRANSCRIPT_MARGIN))
+    return min(early, heard + allowance)
 
 
 async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:

@@ -133,6 +133,12 @@ class BoundedClose(CloseBookkeeping):
             _warn_tight(o, self.transcript_timeout)
         return max(min(o.drain_timeout, 0.1 * o.close_timeout), min(o.drain_timeout, room))
 
+    def holds_transcript(self) -> bool:
+        """``close_timeout`` has room for the final-transcript wait and the teardown after
+        it (when it has not, the wait is shortened and that was warned)."""
+        need = self.transcript_timeout + TEARDOWN_RESERVE + SWEEP_RESERVE + EMIT_RESERVE
+        return self.options.close_timeout >= need
+
     def escalate(self, by: str = "forced close") -> None:
         """A forced close joined a graceful one (or ``graceful_timeout`` passed): from now on
         the bounds apply."""
