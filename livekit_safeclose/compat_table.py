@@ -160,6 +160,17 @@ BOUNDED_DRAIN_END: tuple[R, ...] = (
     R("bounded_drain_end", "livekit.agents.ipc.job_proc_lazy_main", "_SESSION_ACLOSE_TIMEOUT", "attr"),
 )
 
+BOUNDED_TEARDOWN: tuple[R, ...] = (
+    R("bounded_teardown", JOB_PROC, "_shutdown_job", "method", ("job_entry_task", "shutdown_info")),
+    R("bounded_teardown", JOB_PROC, "_shutdown_job", "uses", ("_job_ctx", "_room")),
+    R("bounded_teardown", "livekit.agents.job:JobContext", "_shutdown_callbacks", "init_attr"),
+    R("bounded_teardown", "livekit.agents.job:JobContext", "_on_session_end", "method"),
+    R("bounded_teardown", "livekit.rtc.room:Room", "disconnect", "method"),
+    R("bounded_teardown", PROC, "_supervise_task", "method"),
+    R("bounded_teardown", PROC, "_shutting_down_fut", "init_attr"),
+    R("bounded_teardown", PROC, "aclose", "uses", ("_supervise_atask",)),
+)
+
 #: only with force_close_on_second_signal: the CLI's exit-now handlers, whose closures tell an
 #: operator's second signal from the CLI's own blocked-loop re-signal. Missing, the part is
 #: refused by name and a second signal exits at once, as upstream.
@@ -183,6 +194,7 @@ REQUIREMENTS: tuple[R, ...] = (
     + SIGNAL_GUARD
     + DRAIN_AVAILABILITY
     + BOUNDED_DRAIN_END
+    + BOUNDED_TEARDOWN
     + SECOND_SIGNAL
     + IDLE_REPORT
 )

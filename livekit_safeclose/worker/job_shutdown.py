@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..options import Options
-from . import bounds
+from . import bounds, teardown
 from .leftovers import current_job, log_leftovers
 
 logger = logging.getLogger("livekit.agents.safeclose")
@@ -82,7 +82,8 @@ def wrap_shutdown_job(original: Callable[..., Any], _options: Options) -> Callab
         try:
             if reason.startswith(bounds.FORCED_REASON_PREFIX):
                 await _forced_session_close(self, job_entry_task, reason)
-            await original(self, job_entry_task, shutdown_info)
+            with teardown.bounded_steps(self):
+                await original(self, job_entry_task, shutdown_info)
         finally:
             log_leftovers(reason)
 
