@@ -6,7 +6,8 @@ their own stand-in dispatch server. Each is offered one job per room of :data:`R
 job starts a real AgentSession (in-memory models), then calls ``ctx.shutdown()`` (the
 ``end-call`` job: its EndCallTool's goodbye into a dead audio sink) and hangs in the step its
 room names. We watch each job's process for :data:`OBSERVE` seconds after the job ended
-(vanilla: a bounded look; whatever is left is SIGKILLed).
+(vanilla: a bounded look; whatever is left is SIGKILLed). Times are seconds after the
+session's ``close`` event, where the job's teardown begins.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from livekit_safeclose.worker import bounds
 
 CLOSE = 1.0
 GRACEFUL = 1.0
-ROOMS = ("hang-callback", "hang-disconnect", "hang-session-end", "hang-exit", "end-call")
+ROOMS = ("hang-callback", "raise-callback", "hang-disconnect", "hang-session-end", "hang-exit", "end-call")
 #: seconds after a job's own end we watch its process (past the layer's worst bound: a process
 #: hung at exit is killed teardown_bound() after ShuttingDown, plus the kill's 0.5 s)
 OBSERVE = bounds.teardown_bound(CLOSE) + 2.5
@@ -37,7 +38,8 @@ MARGIN = 2.0  # on top of each bound, for a loaded 2-core machine
 class JobOutcome:
     room: str
     pid: int | None = None
-    ended_at: float | None = None  # job_end mark (end-call: session_closed)
+    started_at: float | None = None  # session_started mark
+    ended_at: float | None = None  # the session's close event (the teardown starts)
     exited_at: float | None = None
     marks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -50,7 +52,11 @@ class JobOutcome:
 
     def summary(self) -> str:
         ea = self.exit_after
-        return f"{self.room}: exit_after={'-' if ea is None else f'{ea:.2f}s'} marks={self.marks}"
+        closed = None if self.ended_at is None or self.started_at is None else self.ended_at - self.started_at
+        return (
+            f"{self.room}: closed_after_start={'-' if closed is None else f'{closed:.2f}s'} "
+            f"exit_after_close={'-' if ea is None else f'{ea:.2f}s'} marks={self.marks}"
+        )
 
 
 def _alive(pid: int | None) -> bool:
@@ -83,8 +89,11 @@ def _run(patched: bool, log_dir: Path) -> dict[str, JobOutcome]:
                 now = time.monotonic()
                 for o in out.values():
                     if o.ended_at is None:
-                        end = w.wait_mark(f"{'session_closed' if o.room == 'end-call' else 'job_end'} {o.room}", 0)
+                        end = w.wait_mark(f"session_closed {o.room}", 0)
                         o.ended_at = None if end is None else end.at
+                    if o.started_at is None:
+                        st = w.wait_mark(f"session_started {o.room}", 0)
+                        o.started_at = None if st is None else st.at
                     if o.exited_at is None and not _alive(o.pid):
                         o.exited_at = now
                 if all(o.exited_at is not None for o in out.values()):
@@ -147,6 +156,9 @@ def test_vanilla_teardown_hangs_keep_the_job_process(runs: dict[bool, dict[str, 
         o = jobs[room]
         assert o.ended_at is not None and o.exited_at is None, o.summary()
     assert "callback_done" in jobs["hang-callback"].marks, jobs["hang-callback"].summary()
+    # a callback that raises ends upstream's wait at once: the process exits under the other
+    rc = jobs["raise-callback"]
+    assert rc.exited_at is not None and "callback_done" not in rc.marks, rc.summary()
     assert "job_shutdown" not in jobs["hang-session-end"].marks  # the callbacks never ran
     assert "job_shutdown" not in jobs["hang-disconnect"].marks
     end_call = jobs["end-call"]
@@ -167,6 +179,8 @@ def test_layer_bounds_each_teardown_step(runs: dict[bool, dict[str, JobOutcome]]
     cb = jobs["hang-callback"]
     assert "callback_done" in cb.marks and "job_shutdown" in cb.marks, cb.summary()
     assert any("shutdown callback" in m and "hung_callback" in m for m in cb.warnings), cb.warnings
+    rc = jobs["raise-callback"]
+    assert "callback_done" in rc.marks and rc.exit_after is not None, rc.summary()
     assert any("room.disconnect()" in m for m in jobs["hang-disconnect"].warnings)
     assert "job_shutdown" in jobs["hang-disconnect"].marks  # the callbacks ran after it
     se = jobs["hang-session-end"]
@@ -180,4 +194,7 @@ def test_layer_end_call_goodbye_into_dead_sink_ends_the_job(runs: dict[bool, dic
     started = o.marks
     assert "session_closed" in started and "job_shutdown" in started, o.summary()
     assert o.exit_after is not None and o.exit_after <= CLOSE + MARGIN, o.summary()
+    # the tool is called right after the start: the close follows within graceful + close
+    assert o.started_at is not None and o.ended_at is not None, o.summary()
+    assert o.ended_at - o.started_at <= GRACEFUL + CLOSE + MARGIN, o.summary()
     assert any(m.startswith("EndCallTool: the goodbye did not finish") for m in o.warnings), o.warnings

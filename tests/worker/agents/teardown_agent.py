@@ -7,8 +7,8 @@ SC_LAYER   "1": ``livekit_safeclose.install(drain_timeout=SC_DRAIN, close_timeou
            at import (in the worker and every job process); "" = vanilla livekit-agents
 
 Room names (prefix):
-``hang-callback``     two shutdown callbacks: one never returns, the other finishes after 0.2 s,
-                      a third raises
+``hang-callback``     two shutdown callbacks: one never returns, the other finishes after 0.2 s
+``raise-callback``    two shutdown callbacks: one raises at once, the other finishes after 0.8 s
 ``hang-disconnect``   ``room.disconnect()`` never returns (an RPC handler that never answers
                       holds it in the real SDK)
 ``hang-session-end``  ``JobContext._on_session_end()`` never returns (a recorder close or a
@@ -96,6 +96,17 @@ def _add_callbacks(ctx: JobContext, room: str) -> None:
         mark(f"job_shutdown {room} reason={reason}")
 
     ctx.add_shutdown_callback(_marker)
+    if room.startswith("raise-callback"):
+
+        async def raising_callback() -> None:
+            raise RuntimeError("a shutdown callback that fails")
+
+        async def slower_callback() -> None:
+            await asyncio.sleep(0.8)
+            mark(f"callback_done {room}")
+
+        ctx.add_shutdown_callback(raising_callback)
+        ctx.add_shutdown_callback(slower_callback)
     if not room.startswith("hang-callback"):
         return
 
@@ -107,11 +118,7 @@ def _add_callbacks(ctx: JobContext, room: str) -> None:
         await asyncio.sleep(0.2)
         mark(f"callback_done {room}")
 
-    async def raising_callback() -> None:
-        raise RuntimeError("a shutdown callback that fails")
-
     ctx.add_shutdown_callback(hung_callback)
-    ctx.add_shutdown_callback(raising_callback)
     ctx.add_shutdown_callback(slow_callback)
 
 
@@ -119,7 +126,10 @@ def _session(room: str) -> AgentSession[Any]:
     ledger = ProviderLedger()
     script = [FakeReply(tool_calls=[("end_call", {})])] if room.startswith("end-call") else []
     session: AgentSession[Any] = AgentSession(
-        stt=FakeSTT(ledger), llm=FakeLLM(ledger, script), tts=FakeTTS(ledger)
+        stt=FakeSTT(ledger),
+        llm=FakeLLM(ledger, script),
+        tts=FakeTTS(ledger),
+        session_close_transcript_timeout=0.3,
     )
     session.input.audio = SilenceInput()
     session.output.audio = DeadAudioOutput() if room.startswith("end-call") else FastAudioOutput()
