@@ -155,6 +155,24 @@ async def _say_goodbye(ctx: Ctx) -> None:
     ctx.engaged.set()
 
 
+async def _end_call_dead_sink(ctx: Ctx) -> Agent:
+    """An agent with upstream's EndCallTool, scripted to call it, speaking into a dead sink,
+    inside upstream's fake job context (the tool ends the job once the session closed)."""
+    from livekit.agents.beta.tools import EndCallTool
+    from livekit.agents.testing import fake_job_context
+
+    job = fake_job_context()
+    job.__enter__()
+    ctx.extra.setdefault("undo", []).append(lambda: job.__exit__(None, None, None))
+    ctx.dead_sink = True
+    ctx.script = [FakeReply(text="Goodbye, thanks for calling.", tool_calls=[("end_call", {})])]
+
+    async def _called(_: Any) -> None:
+        ctx.engaged.set()
+
+    return Agent(instructions="test", tools=[EndCallTool(delete_room=False, on_tool_called=_called)])
+
+
 def _toolsets(scope: Literal["session", "agent"], **kw: Any) -> Setup:
     async def setup(ctx: Ctx) -> Agent:
         ts = HangingToolset(ctx, **kw)
@@ -376,6 +394,14 @@ def _scenarios() -> list[Scenario]:
                  "reports: the close event never comes. With the layer it escalates at "
                  "graceful_timeout.",
                  _dead_sink(), _say_goodbye, tags=("graceful",)),
+        Scenario("end-call-dead-sink", "EndCallTool whose goodbye goes into a caller who hung up",
+                 "graceful",
+                 "The LLM calls upstream's EndCallTool; the tool shuts the session down only once "
+                 "the goodbye played out, which a dead sink never reports: the session and the "
+                 "job never end. With the layer the goodbye gets graceful_timeout, then the "
+                 "close is forced.",
+                 _end_call_dead_sink, _reply_calls_tool, tags=("graceful",),
+                 requires=("end_call_tool",)),
         Scenario("race-aclose-shutdown", "aclose() racing shutdown(drain=False), tool stuck", "aclose",
                  "Two forced closes at once must share one close and one close event.",
                  _tool_agent("park"), _reply_calls_tool, tags=("race",)),
