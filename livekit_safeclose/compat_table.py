@@ -78,6 +78,24 @@ CORE: tuple[R, ...] = (
     R("core", SESSION, "_update_activity", "method", shape="first_activity:update_activity"),
 )  # fmt: skip
 
+BG_AUDIO = "livekit.agents.voice.background_audio:BackgroundAudioPlayer"
+#: ``livekit_safeclose.background_audio``: optional (a release without the player has nothing
+#: to close); the task slots are read where present
+BACKGROUND_AUDIO: tuple[R, ...] = (
+    R("core", BG_AUDIO, "start", "method", optional=True),
+    R("core", BG_AUDIO, "aclose", "method", optional=True),
+    R("core", BG_AUDIO, "play", "method", optional=True),
+    R("core", BG_AUDIO, "_play_tasks", "init_attr", optional=True),
+    R("core", BG_AUDIO, "_mixer_atask", "init_attr", optional=True),
+    R(
+        "core",
+        "livekit.agents.voice.background_audio:PlayHandle",
+        "_mark_playout_done",
+        "method",
+        optional=True,
+    ),
+)
+
 STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
 TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"
 
@@ -189,6 +207,7 @@ IDLE_REPORT: tuple[R, ...] = (
 REQUIREMENTS: tuple[R, ...] = (
     CORE
     + FALLBACK
+    + BACKGROUND_AUDIO
     + TOOLSETS
     + STREAM_LEDGER
     + SIGNAL_GUARD

@@ -15,6 +15,7 @@ SESSION = "livekit.agents.voice.agent_session:AgentSession"
 ACTIVITY = "livekit.agents.voice.agent_activity:AgentActivity"
 STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
 TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"
+BG_AUDIO = "livekit.agents.voice.background_audio:BackgroundAudioPlayer"
 
 CORE: frozenset[Part] = frozenset({"core"})
 LEDGER: frozenset[Part] = frozenset({"stream_ledger"})
@@ -51,6 +52,14 @@ PATCHES: tuple[Patch, ...] = (
           "livekit_safeclose.end_call:wrap_end_call",
           "a goodbye that does not finish within graceful_timeout closes the session by force",
           if_present=True),
+    # -- BackgroundAudioPlayer (livekit_safeclose.background_audio) -----------------------
+    Patch(CORE, BG_AUDIO, "start", "livekit_safeclose.background_audio:wrap_start",
+          "a player started with agent_session= is noted with it: the session's close closes it",
+          if_present=True),
+    Patch(CORE, BG_AUDIO, "aclose", "livekit_safeclose.background_audio:wrap_aclose",
+          "from the start of the close, play() starts no task", if_present=True),
+    Patch(CORE, BG_AUDIO, "play", "livekit_safeclose.background_audio:wrap_play",
+          "on a closing or closed player: a done handle, no task", if_present=True),
     # -- FallbackAdapter recovery (livekit_safeclose.fallback) ----------------------------
     Patch(CORE, STT_FALLBACK + ":FallbackRecognizeStream", "_try_recovery",
           "livekit_safeclose.fallback:wrap_try_recovery",

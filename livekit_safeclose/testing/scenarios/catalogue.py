@@ -39,6 +39,8 @@ class Scenario:
     setup: Setup
     trigger: Trigger | None = None
     vanilla_hangs: bool = True
+    #: vanilla closes in time but leaves tasks behind (the bug is the leak, not a hang)
+    vanilla_leaks: bool = False
     #: a close must end within drain bound (True) or may use the full close bound
     drain_only: bool = False
     #: the stream can't be closed by anyone (swallows every cancellation)
@@ -171,6 +173,20 @@ async def _end_call_dead_sink(ctx: Ctx) -> Agent:
         ctx.engaged.set()
 
     return Agent(instructions="test", tools=[EndCallTool(delete_room=False, on_tool_called=_called)])
+
+
+async def _background_audio(ctx: Ctx) -> None:
+    """A BackgroundAudioPlayer with a looped ambient clip, tied to the session (upstream's
+    console-mode room: nothing is published); engaged once it plays."""
+    from livekit.agents.ipc.mock_room import create_mock_room
+    from livekit.agents.voice.background_audio import BackgroundAudioPlayer, BuiltinAudioClip
+
+    assert ctx.session is not None
+    player = BackgroundAudioPlayer(ambient_sound=BuiltinAudioClip.OFFICE_AMBIENCE)
+    await player.start(room=create_mock_room(), agent_session=ctx.session)
+    ctx.extra["player"] = player
+    await asyncio.sleep(0.2)
+    ctx.engaged.set()
 
 
 def _toolsets(scope: Literal["session", "agent"], **kw: Any) -> Setup:
@@ -409,6 +425,12 @@ def _scenarios() -> list[Scenario]:
                  "shutdown(drain=True) waits for the stuck tool forever; an aclose() that joins "
                  "it must bound it.",
                  _tool_agent("park"), _reply_calls_tool, tags=("escalate",)),
+        Scenario("background-audio-aclose", "BackgroundAudioPlayer started with the session",
+                 "aclose",
+                 "The player's mixer and its looped ambient sound keep running after the "
+                 "session closed: nothing closes a player started with agent_session=.",
+                 _hook_agent(), _background_audio, vanilla_hangs=False, vanilla_leaks=True,
+                 tags=("leak",)),
         # controls: must close fast with and without the layer
         Scenario("healthy-aclose", "nothing (control)", "aclose",
                  "A healthy session: both close promptly, nothing forced.",
