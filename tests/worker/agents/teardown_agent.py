@@ -3,12 +3,14 @@ and closed) and then hang in one teardown step, chosen by the job's room name.
 
 Run by the tests as ``python teardown_agent.py start --url ...``.
 
-SC_LAYER   "1": ``livekit_safeclose.install(drain_timeout=SC_DRAIN, close_timeout=SC_CLOSE)``
+SC_LAYER   "1": ``livekit_safeclose.install(drain_timeout=SC_DRAIN, close_timeout=SC_CLOSE,
+           graceful_timeout=SC_GRACEFUL)``
            at import (in the worker and every job process); "" = vanilla livekit-agents
 
 Room names (prefix):
+``healthy``           nothing hangs (the control: how long a teardown takes here)
 ``hang-callback``     two shutdown callbacks: one never returns, the other finishes after 0.2 s
-``raise-callback``    two shutdown callbacks: one raises at once, the other finishes after 0.8 s
+``raise-callback``    two shutdown callbacks: one raises at once, the other finishes after 0.9 s
 ``hang-disconnect``   ``room.disconnect()`` never returns (an RPC handler that never answers
                       holds it in the real SDK)
 ``hang-session-end``  ``JobContext._on_session_end()`` never returns (a recorder close or a
@@ -79,9 +81,10 @@ if LAYER:
     import livekit_safeclose
 
     livekit_safeclose.install(
-        drain_timeout=float(os.environ.get("SC_DRAIN", "0.5")),
+        drain_timeout=float(os.environ.get("SC_DRAIN", "0.3")),
         close_timeout=float(os.environ.get("SC_CLOSE", "1.0")),
         graceful_timeout=float(os.environ.get("SC_GRACEFUL", "1.0")),
+        bounded_teardown=os.environ.get("SC_TEARDOWN", "1") == "1",
     )
 
 server = AgentServer(num_idle_processes=0, load_threshold=float("inf"), load_fnc=lambda: 0.0, port=0)
@@ -102,7 +105,7 @@ def _add_callbacks(ctx: JobContext, room: str) -> None:
             raise RuntimeError("a shutdown callback that fails")
 
         async def slower_callback() -> None:
-            await asyncio.sleep(0.8)
+            await asyncio.sleep(0.9)
             mark(f"callback_done {room}")
 
         ctx.add_shutdown_callback(raising_callback)
@@ -129,7 +132,7 @@ def _session(room: str) -> AgentSession[Any]:
         stt=FakeSTT(ledger),
         llm=FakeLLM(ledger, script),
         tts=FakeTTS(ledger),
-        session_close_transcript_timeout=0.3,
+        session_close_transcript_timeout=0.1,
     )
     session.input.audio = SilenceInput()
     session.output.audio = DeadAudioOutput() if room.startswith("end-call") else FastAudioOutput()
