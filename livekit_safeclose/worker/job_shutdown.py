@@ -7,7 +7,8 @@ entrypoint, then up to ``_SESSION_ACLOSE_TIMEOUT`` (60 s) for ``session.aclose()
 (bounded by ``close_timeout``, so provider streams say goodbye); a still-running entrypoint
 is cancelled instead of awaited, and ``on_session_end`` gets at most
 :data:`~.bounds.FORCED_END_GRACE`. Any other reason runs upstream's sequence untouched.
-Every shutdown ends with one INFO line of what the process still runs (:mod:`.leftovers`).
+With the ``bounded_teardown`` part every step after the session close is bounded too
+(:mod:`.teardown`). Every shutdown ends with one INFO line of what the process still runs (:mod:`.leftovers`).
 
 The session guard (``_SESSION_ACLOSE_TIMEOUT``) becomes ``close_timeout +``
 :data:`~.bounds.SESSION_GUARD_MARGIN` for every shutdown.
