@@ -50,6 +50,7 @@ def install(
     signal_guard: bool = True,
     drain_availability: bool = True,
     bounded_drain_end: bool = True,
+    bounded_teardown: bool = True,
     reject_late_accepts: bool = True,
     force_close_on_second_signal: bool = False,
 ) -> None:
@@ -72,6 +73,7 @@ def install(
         signal_guard=signal_guard,
         drain_availability=drain_availability,
         bounded_drain_end=bounded_drain_end,
+        bounded_teardown=bounded_teardown,
         reject_late_accepts=reject_late_accepts,
         force_close_on_second_signal=force_close_on_second_signal,
     )

@@ -137,6 +137,8 @@ def _verdict(sc: Any, v: dict[str, Any], lay: dict[str, Any]) -> str:
         return "FAIL"
     if sc.vanilla_hangs:
         return "fixed" if not v.get("closed") else "clean (vanilla did not hang here)"
+    if getattr(sc, "vanilla_leaks", False):
+        return "fixed" if v.get("tasks_left") else "clean (vanilla did not leak here)"
     return "ok"
 
 

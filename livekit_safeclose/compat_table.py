@@ -78,6 +78,24 @@ CORE: tuple[R, ...] = (
     R("core", SESSION, "_update_activity", "method", shape="first_activity:update_activity"),
 )  # fmt: skip
 
+BG_AUDIO = "livekit.agents.voice.background_audio:BackgroundAudioPlayer"
+#: ``livekit_safeclose.background_audio``: optional (a release without the player has nothing
+#: to close); the task slots are read where present
+BACKGROUND_AUDIO: tuple[R, ...] = (
+    R("core", BG_AUDIO, "start", "method", optional=True),
+    R("core", BG_AUDIO, "aclose", "method", optional=True),
+    R("core", BG_AUDIO, "play", "method", optional=True),
+    R("core", BG_AUDIO, "_play_tasks", "init_attr", optional=True),
+    R("core", BG_AUDIO, "_mixer_atask", "init_attr", optional=True),
+    R(
+        "core",
+        "livekit.agents.voice.background_audio:PlayHandle",
+        "_mark_playout_done",
+        "method",
+        optional=True,
+    ),
+)
+
 STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
 TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"
 
@@ -160,6 +178,17 @@ BOUNDED_DRAIN_END: tuple[R, ...] = (
     R("bounded_drain_end", "livekit.agents.ipc.job_proc_lazy_main", "_SESSION_ACLOSE_TIMEOUT", "attr"),
 )
 
+BOUNDED_TEARDOWN: tuple[R, ...] = (
+    R("bounded_teardown", JOB_PROC, "_shutdown_job", "method", ("job_entry_task", "shutdown_info")),
+    R("bounded_teardown", JOB_PROC, "_shutdown_job", "uses", ("_job_ctx", "_room")),
+    R("bounded_teardown", "livekit.agents.job:JobContext", "_shutdown_callbacks", "init_attr"),
+    R("bounded_teardown", "livekit.agents.job:JobContext", "_on_session_end", "method"),
+    R("bounded_teardown", "livekit.rtc.room:Room", "disconnect", "method"),
+    R("bounded_teardown", PROC, "_supervise_task", "method"),
+    R("bounded_teardown", PROC, "_shutting_down_fut", "init_attr"),
+    R("bounded_teardown", PROC, "aclose", "uses", ("_supervise_atask",)),
+)
+
 #: only with force_close_on_second_signal: the CLI's exit-now handlers, whose closures tell an
 #: operator's second signal from the CLI's own blocked-loop re-signal. Missing, the part is
 #: refused by name and a second signal exits at once, as upstream.
@@ -178,11 +207,13 @@ IDLE_REPORT: tuple[R, ...] = (
 REQUIREMENTS: tuple[R, ...] = (
     CORE
     + FALLBACK
+    + BACKGROUND_AUDIO
     + TOOLSETS
     + STREAM_LEDGER
     + SIGNAL_GUARD
     + DRAIN_AVAILABILITY
     + BOUNDED_DRAIN_END
+    + BOUNDED_TEARDOWN
     + SECOND_SIGNAL
     + IDLE_REPORT
 )

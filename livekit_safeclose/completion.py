@@ -34,6 +34,7 @@ FINISHERS: tuple[str, ...] = (
     "livekit_safeclose.realtime:finish",
     "livekit_safeclose.fallback:finish",
     "livekit_safeclose.toolsets:finish",
+    "livekit_safeclose.background_audio:finish",
 )
 
 

@@ -20,12 +20,14 @@ Part = Literal[
     "signal_guard",
     "drain_availability",
     "bounded_drain_end",
+    "bounded_teardown",
     "force_close_on_second_signal",
 ]
 WORKER_PARTS: tuple[Part, ...] = (
     "signal_guard",
     "drain_availability",
     "bounded_drain_end",
+    "bounded_teardown",
     "force_close_on_second_signal",
 )
 SESSION_PARTS: tuple[Part, ...] = ("core", "stream_ledger")
@@ -65,6 +67,7 @@ class Options:
     signal_guard: bool = True
     drain_availability: bool = True
     bounded_drain_end: bool = True
+    bounded_teardown: bool = True
     reject_late_accepts: bool = True
     force_close_on_second_signal: bool = False
 

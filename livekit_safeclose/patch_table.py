@@ -15,6 +15,7 @@ SESSION = "livekit.agents.voice.agent_session:AgentSession"
 ACTIVITY = "livekit.agents.voice.agent_activity:AgentActivity"
 STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
 TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"
+BG_AUDIO = "livekit.agents.voice.background_audio:BackgroundAudioPlayer"
 
 CORE: frozenset[Part] = frozenset({"core"})
 LEDGER: frozenset[Part] = frozenset({"stream_ledger"})
@@ -51,6 +52,14 @@ PATCHES: tuple[Patch, ...] = (
           "livekit_safeclose.end_call:wrap_end_call",
           "a goodbye that does not finish within graceful_timeout closes the session by force",
           if_present=True),
+    # -- BackgroundAudioPlayer (livekit_safeclose.background_audio) -----------------------
+    Patch(CORE, BG_AUDIO, "start", "livekit_safeclose.background_audio:wrap_start",
+          "a player started with agent_session= is noted with it: the session's close closes it",
+          if_present=True),
+    Patch(CORE, BG_AUDIO, "aclose", "livekit_safeclose.background_audio:wrap_aclose",
+          "from the start of the close, play() starts no task", if_present=True),
+    Patch(CORE, BG_AUDIO, "play", "livekit_safeclose.background_audio:wrap_play",
+          "on a closing or closed player: a done handle, no task", if_present=True),
     # -- FallbackAdapter recovery (livekit_safeclose.fallback) ----------------------------
     Patch(CORE, STT_FALLBACK + ":FallbackRecognizeStream", "_try_recovery",
           "livekit_safeclose.fallback:wrap_try_recovery",
@@ -108,11 +117,23 @@ PATCHES: tuple[Patch, ...] = (
           "livekit_safeclose.worker.drain_end:wrap_proc_aclose",
           "once the drain is forced: the job is told why first, and its process killed if still "
           "alive proc_close_bound(close_timeout) later"),
-    Patch(frozenset({"bounded_drain_end"}), "livekit.agents.ipc.job_proc_lazy_main:_JobProc", "_shutdown_job",
-          "livekit_safeclose.worker.job_shutdown:wrap_shutdown_job",
+    Patch(frozenset({"bounded_drain_end", "bounded_teardown"}), "livekit.agents.ipc.job_proc_lazy_main:_JobProc",
+          "_shutdown_job", "livekit_safeclose.worker.job_shutdown:wrap_shutdown_job",
           "a forced reason closes the session first, bounded, and skips the 15 s entrypoint wait; "
-          "every shutdown logs what the job process still runs"),
+          "with bounded_teardown each shutdown callback is bounded by close_timeout; every "
+          "shutdown logs what the job process still runs"),
     Patch(frozenset({"bounded_drain_end"}), "livekit.agents.ipc.job_proc_lazy_main", "_SESSION_ACLOSE_TIMEOUT",
           "livekit_safeclose.worker.job_shutdown:session_guard",
           "close_timeout + 1 s (upstream: 60 s)", refresh=True),
+    # -- the bounded teardown of a job (livekit_safeclose.worker.teardown) ----------------
+    Patch(frozenset({"bounded_teardown"}), "livekit.agents.job:JobContext", "_on_session_end",
+          "livekit_safeclose.worker.teardown:wrap_on_session_end",
+          "during the job's shutdown: bounded by close_timeout (the recorder close, the session report)"),
+    Patch(frozenset({"bounded_teardown"}), "livekit.rtc.room:Room", "disconnect",
+          "livekit_safeclose.worker.teardown:wrap_room_disconnect",
+          "during the job's shutdown: bounded by close_timeout"),
+    Patch(frozenset({"bounded_teardown"}), "livekit.agents.ipc.supervised_proc:SupervisedProc", "_supervise_task",
+          "livekit_safeclose.worker.teardown:wrap_supervise_task",
+          "a process that said ShuttingDown and is still alive teardown_bound(close_timeout) "
+          "later is killed"),
 )  # fmt: skip

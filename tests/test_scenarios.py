@@ -16,7 +16,8 @@ DRAIN, CLOSE = 0.5, 3.0
 MARGIN_MS = 150
 
 HANGS = [s for s in SCENARIOS.values() if s.vanilla_hangs]
-CONTROLS = [s for s in SCENARIOS.values() if not s.vanilla_hangs]
+CONTROLS = [s for s in SCENARIOS.values() if not s.vanilla_hangs and not s.vanilla_leaks]
+LEAKS = [s for s in SCENARIOS.values() if s.vanilla_leaks]
 
 
 def _ids(s: Scenario) -> str:
@@ -67,3 +68,15 @@ async def test_controls_close_on_both(sc: Scenario, patched: bool) -> None:
     assert out.clean, out
     if patched and sc.schedule is None:  # a fuzz-found one may force (a slow hook, tight bounds)
         assert not out.report.forced, out.report.summary()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sc", LEAKS, ids=_ids)
+async def test_leaks_on_vanilla_clean_with_the_layer(sc: Scenario) -> None:
+    """Vanilla closes in time but leaves tasks behind; the layer's close is clean."""
+    vanilla = await run_scenario(sc, patched=False, drain_timeout=DRAIN, close_timeout=CLOSE)
+    assert vanilla.closed and vanilla.tasks_left > 0, vanilla
+    out = await run_scenario(sc, patched=True, drain_timeout=DRAIN, close_timeout=CLOSE)
+    assert out.clean and out.streams_open == 0, out
+    assert out.ms <= CLOSE * 1000 + MARGIN_MS, out

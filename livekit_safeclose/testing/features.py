@@ -27,12 +27,29 @@ def _transcript_option() -> bool:
     return "session_close_transcript_timeout" in getattr(AgentSessionOptions, "__dataclass_fields__", {})
 
 
+def _end_call_tool() -> bool:
+    import importlib.util
+
+    try:
+        return all(
+            importlib.util.find_spec(m) is not None
+            for m in ("livekit.agents.beta.tools.end_call", "livekit.agents.testing")
+        )
+    except ImportError:  # a parent package is missing
+        return False
+
+
 #: feature -> (is it there?, why a scenario needing it is n/a)
 FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "toolset_lifecycle": (
         _toolset_lifecycle,
         "llm.Toolset has no setup()/aclose() on this release: nothing sets up or closes a toolset "
         "(MCP servers go through mcp_servers=)",
+    ),
+    "end_call_tool": (
+        _end_call_tool,
+        "no livekit.agents.beta.tools.EndCallTool (or no livekit.agents.testing.fake_job_context) "
+        "on this release",
     ),
 }
 

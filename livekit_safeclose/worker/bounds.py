@@ -32,6 +32,17 @@ def proc_close_bound(close_timeout: float) -> float:
     return close_timeout + SESSION_GUARD_MARGIN + FORCED_END_GRACE + PROC_EXIT_SLACK
 
 
+#: after a job process said ``ShuttingDown``: IPC, pending tasks, the job's cleanup, the exit
+TEARDOWN_SLACK = 2.0
+
+
+def teardown_bound(close_timeout: float) -> float:
+    """How long a job process may run once it said ``ShuttingDown`` (its room disconnect and
+    its shutdown callbacks, each bounded by ``close_timeout``, then cleanup and exit) before the
+    supervisor kills it."""
+    return 2 * close_timeout + TEARDOWN_SLACK
+
+
 def close_timeout() -> float:
     """The close bound in force (the default while the layer is not installed)."""
     opts = in_force()

@@ -7,7 +7,8 @@ entrypoint, then up to ``_SESSION_ACLOSE_TIMEOUT`` (60 s) for ``session.aclose()
 (bounded by ``close_timeout``, so provider streams say goodbye); a still-running entrypoint
 is cancelled instead of awaited, and ``on_session_end`` gets at most
 :data:`~.bounds.FORCED_END_GRACE`. Any other reason runs upstream's sequence untouched.
-Every shutdown ends with one INFO line of what the process still runs (:mod:`.leftovers`).
+With the ``bounded_teardown`` part every step after the session close is bounded too
+(:mod:`.teardown`). Every shutdown ends with one INFO line of what the process still runs (:mod:`.leftovers`).
 
 The session guard (``_SESSION_ACLOSE_TIMEOUT``) becomes ``close_timeout +``
 :data:`~.bounds.SESSION_GUARD_MARGIN` for every shutdown.
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..options import Options
-from . import bounds
+from . import bounds, teardown
 from .leftovers import current_job, log_leftovers
 
 logger = logging.getLogger("livekit.agents.safeclose")
@@ -82,7 +83,8 @@ def wrap_shutdown_job(original: Callable[..., Any], _options: Options) -> Callab
         try:
             if reason.startswith(bounds.FORCED_REASON_PREFIX):
                 await _forced_session_close(self, job_entry_task, reason)
-            await original(self, job_entry_task, shutdown_info)
+            with teardown.bounded_steps(self):
+                await original(self, job_entry_task, shutdown_info)
         finally:
             log_leftovers(reason)
 

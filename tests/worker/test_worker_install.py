@@ -86,6 +86,7 @@ def test_install_worker_patches_and_restores_exactly(clean: dict[str, Any]) -> N
         "signal_guard": True,
         "drain_availability": True,
         "bounded_drain_end": True,
+        "bounded_teardown": True,
         "force_close_on_second_signal": False,  # opt-in
     }
     now = _snapshot()
@@ -115,7 +116,14 @@ def test_install_worker_patches_and_restores_exactly(clean: dict[str, Any]) -> N
     lsc.uninstall()
     assert _snapshot() == clean
     assert sc.worker_installed() == dict.fromkeys(
-        ("signal_guard", "drain_availability", "bounded_drain_end", "force_close_on_second_signal"), False
+        (
+            "signal_guard",
+            "drain_availability",
+            "bounded_drain_end",
+            "bounded_teardown",
+            "force_close_on_second_signal",
+        ),
+        False,
     )
     lsc.uninstall()  # no-op
     assert _snapshot() == clean
@@ -131,8 +139,10 @@ def test_flags_opt_out_each_part(clean: dict[str, Any]) -> None:
 
     lsc.install(drain_timeout=1.0, close_timeout=2.0, bounded_drain_end=False, reject_late_accepts=False)
     now = _snapshot()
-    for key in ("drain", "aclose", "_shutdown_job", "guard", "server_aclose", "_run_worker"):
+    for key in ("drain", "aclose", "guard", "server_aclose", "_run_worker"):
         assert now[key] == clean[key], key
+    # the job's shutdown stays wrapped: bounded_teardown shares the row
+    assert now["_shutdown_job"].__wrapped__ is clean["_shutdown_job"]
     assert (
         now["_is_available"] is not clean["_is_available"]
         and now["add_signal_handler"] is not clean["add_signal_handler"]
@@ -146,6 +156,7 @@ def test_flags_opt_out_each_part(clean: dict[str, Any]) -> None:
         signal_guard=False,
         drain_availability=False,
         bounded_drain_end=False,
+        bounded_teardown=False,
     )
     assert _snapshot() == clean
 

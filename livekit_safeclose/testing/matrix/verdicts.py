@@ -70,6 +70,6 @@ def verdict(sc: Any, vanilla: dict[str, Any], layer: dict[str, Any], bound_ms: i
     state = vanilla_state(vanilla, leaves_task=sc.leaves_task)
     if state == "error":
         return "error"
-    if sc.vanilla_hangs:
+    if sc.vanilla_hangs or getattr(sc, "vanilla_leaks", False):
         return "fixed" if state in ("hangs", "leaks") else "no hang on vanilla"
     return "ok" if state == "closes" else "vanilla control failed"

@@ -37,6 +37,8 @@ class Scenario:
     setup: Setup
     trigger: Trigger | None = None
     vanilla_hangs: bool = True
+    #: vanilla closes in time but leaves tasks behind (the bug is the leak, not a hang)
+    vanilla_leaks: bool = False
     #: a close must end within drain bound (True) or may use the full close bound
     drain_only: bool = False
     #: the stream can't be closed by anyone (swallows every cancellation)
@@ -150,6 +152,38 @@ async def _say_goodbye(ctx: Ctx) -> None:
         if getattr(sink, "frames", 0):
             break
         await asyncio.sleep(0.01)
+    ctx.engaged.set()
+
+
+async def _end_call_dead_sink(ctx: Ctx) -> Agent:
+    """An agent with upstream's EndCallTool, scripted to call it, speaking into a dead sink,
+    inside upstream's fake job context (the tool ends the job once the session closed)."""
+    from livekit.agents.beta.tools import EndCallTool
+    from livekit.agents.testing import fake_job_context
+
+    job = fake_job_context()
+    job.__enter__()
+    ctx.extra.setdefault("undo", []).append(lambda: job.__exit__(None, None, None))
+    ctx.dead_sink = True
+    ctx.script = [FakeReply(text="Goodbye, thanks for calling.", tool_calls=[("end_call", {})])]
+
+    async def _called(_: Any) -> None:
+        ctx.engaged.set()
+
+    return Agent(instructions="test", tools=[EndCallTool(delete_room=False, on_tool_called=_called)])
+
+
+async def _background_audio(ctx: Ctx) -> None:
+    """A BackgroundAudioPlayer with a looped ambient clip, tied to the session (upstream's
+    console-mode room: nothing is published); engaged once it plays."""
+    from livekit.agents.ipc.mock_room import create_mock_room
+    from livekit.agents.voice.background_audio import BackgroundAudioPlayer, BuiltinAudioClip
+
+    assert ctx.session is not None
+    player = BackgroundAudioPlayer(ambient_sound=BuiltinAudioClip.OFFICE_AMBIENCE)
+    await player.start(room=create_mock_room(), agent_session=ctx.session)
+    ctx.extra["player"] = player
+    await asyncio.sleep(0.2)
     ctx.engaged.set()
 
 
@@ -289,6 +323,14 @@ def _scenarios() -> list[Scenario]:
                  "reports: the close event never comes. With the layer it escalates at "
                  "graceful_timeout.",
                  _dead_sink(), _say_goodbye, tags=("graceful",)),
+        Scenario("end-call-dead-sink", "EndCallTool whose goodbye goes into a caller who hung up",
+                 "graceful",
+                 "The LLM calls upstream's EndCallTool; the tool shuts the session down only once "
+                 "the goodbye played out, which a dead sink never reports: the session and the "
+                 "job never end. With the layer the goodbye gets graceful_timeout, then the "
+                 "close is forced.",
+                 _end_call_dead_sink, _reply_calls_tool, tags=("graceful",),
+                 requires=("end_call_tool",)),
         Scenario("race-aclose-shutdown", "aclose() racing shutdown(drain=False), tool stuck", "aclose",
                  "Two forced closes at once must share one close and one close event.",
                  _tool_agent("park"), _reply_calls_tool, tags=("race",)),
@@ -296,6 +338,12 @@ def _scenarios() -> list[Scenario]:
                  "shutdown(drain=True) waits for the stuck tool forever; an aclose() that joins "
                  "it must bound it.",
                  _tool_agent("park"), _reply_calls_tool, tags=("escalate",)),
+        Scenario("background-audio-aclose", "BackgroundAudioPlayer started with the session",
+                 "aclose",
+                 "The player's mixer and its looped ambient sound keep running after the "
+                 "session closed: nothing closes a player started with agent_session=.",
+                 _hook_agent(), _background_audio, vanilla_hangs=False, vanilla_leaks=True,
+                 tags=("leak",)),
         # controls: must close fast with and without the layer
         Scenario("healthy-aclose", "nothing (control)", "aclose",
                  "A healthy session: both close promptly, nothing forced.",

@@ -76,6 +76,8 @@ async def _close(ctx: Ctx, sc: Scenario) -> None:
         s.shutdown(drain=True)
         await asyncio.sleep(0.05)
         await s.aclose()
+    elif sc.id.startswith("end-call"):
+        await _closed_event(ctx)  # the tool asked for the close itself
     elif sc.path == "aclose":
         await s.aclose()
     elif sc.path in ("shutdown", "graceful"):
@@ -267,6 +269,8 @@ async def run_scenario(
             task_allowed=sc.leaves_task,
         )
     finally:
+        for undo in run.ctx.extra.pop("undo", []):
+            undo()
         run.ctx.ledger.release()
         if run.closer is not None and not run.closer.done():
             run.closer.cancel()
