@@ -16,7 +16,7 @@ from typing import Any
 
 from . import streams as streams_mod
 from .report import StepOutcome, StepRecord, StuckTask, stuck_task
-from .stacks import task_name
+from .stacks import awaited_tasks, swallowed_cancel, task_name
 
 
 class CloseBookkeeping:
@@ -75,8 +75,11 @@ class CloseBookkeeping:
 
     def mark_zombies(self, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
         for t in tasks:
-            self.zombies.add(t)
-            self.note_stuck(t, swallowed=True)
+            # a cancelled task the zombie awaits and that still runs is parked on a zombie in
+            # turn (1.5.x: the tools' execute task awaits the tool again after its cancel)
+            for z in (t, *(w for w in awaited_tasks(t) if swallowed_cancel(w))):
+                self.zombies.add(z)
+                self.note_stuck(z, swallowed=True)
         return tasks
 
     def abandon(self, name: str, fut: asyncio.Future[Any], started: float) -> None:

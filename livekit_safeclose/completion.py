@@ -72,6 +72,10 @@ async def finish(
         # upstream never resets its closing task: a restarted session could not be shut
         # down again
         session._closing_task = None
+        if not session._started:
+            # a forced teardown's last agent-state change can re-arm upstream's user-away
+            # timer on the closed session (it would fire, and pin the session, later)
+            session._cancel_user_away_timer()
         close.end()
         session.off("close", on_close)
         report_mod.emit(session, close.report(completed=completed), close.zombies)

@@ -90,10 +90,19 @@ def runs_code(task: asyncio.Task[Any], code: CodeType, owner: Any) -> bool:
     return False
 
 
+#: the locals that say on whose behalf a frame runs: its ``self``, and the speech handle a
+#: module-level function was given (1.5.x: ``_execute_tools_task(speech_handle=...)``, which
+#: gathers the tool tasks and is no method of anything)
+_OWNER_LOCALS = ("self", "speech_handle")
+
+
 def works_for(task: asyncio.Task[Any], owned: set[int]) -> bool:
     """True when a frame of ``task``'s own chain is a method of one of the ``owned``
-    objects (by ``id``): the task runs on their behalf."""
-    return any(id(f.f_locals.get("self")) in owned for f in frames(task, into_tasks=False))
+    objects (by ``id``), or was given one of them as its speech handle: the task runs on
+    their behalf."""
+    return any(
+        id(f.f_locals.get(name)) in owned for f in frames(task, into_tasks=False) for name in _OWNER_LOCALS
+    )
 
 
 def module_of(task: asyncio.Task[Any]) -> str:

@@ -118,6 +118,35 @@ def test_the_transcript_keyword_follows_the_release() -> None:
     assert features.close_transcript_wait(0.3) == 0.3
 
 
+def test_a_replayed_schedules_broken_invariants_are_vanilla_evidence_not_a_broken_run() -> None:
+    """A fuzz-found scenario's run lists its broken invariants in ``error``: on vanilla that
+    is the bug showing (hangs or leaks), while an exception of the run proves nothing."""
+    findings = "close-events: 0 close event(s) for 1 start(s)"
+    assert vanilla_state(_run(closed=False, error=findings, broken=False), leaves_task=False) == "hangs"
+    assert vanilla_state(_run(error=findings, broken=False), leaves_task=False) == "leaks"
+    assert vanilla_state(_run(closed=False, error="TypeError: x", broken=True), leaves_task=False) == "error"
+
+
+def test_a_fixed_transcript_wait_lengthens_a_fuzz_schedules_close_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a release without ``session_close_transcript_timeout`` (1.5.0-1.5.2) every close
+    waits a fixed 2 s for the final transcript: a replayed schedule's bound gets that wait."""
+    from livekit_safeclose.testing.fuzz.replay import for_release
+
+    sc = SCENARIOS["fuzz-zombie-tool-tight-bound"]
+    assert sc.schedule is not None and for_release(sc.schedule) == sc.schedule
+    monkeypatch.setattr(features, "_transcript_option", lambda: False)
+    longer = for_release(sc.schedule)
+    extra = (
+        features.close_transcript_wait(sc.schedule.setup.transcript_timeout)
+        - sc.schedule.setup.transcript_timeout
+    )
+    assert longer.setup.close_timeout == pytest.approx(sc.schedule.setup.close_timeout + extra)
+    assert longer.steps == sc.schedule.steps
+    assert features.transcript_kwargs(0.3) == {}
+
+
 @pytest.mark.timeout(300)
 def test_child_runs_a_scenario_pair_and_the_install_check_on_this_release() -> None:
     cmd = [sys.executable, "-m", "livekit_safeclose.testing.matrix.child", "--scenarios", "tool-park-aclose"]

@@ -28,6 +28,7 @@ from ..fakes import (
     FastAudioOutput,
     SilenceInput,
 )
+from ..features import transcript_kwargs
 from ..scenarios.agents import Ctx, HangingToolset, ScenarioAgent, StuckTask
 from ..scenarios.runner import load_vad
 from .schedule import SLOW_S, Hook, Setup
@@ -237,7 +238,7 @@ def build_session(world: World) -> AgentSession[Any]:
         tts=FakeTTS(ledger, close_fault=s.tts_close),
         tools=session_tools,
         vad=load_vad(),
-        session_close_transcript_timeout=s.transcript_timeout,
+        **transcript_kwargs(s.transcript_timeout),
     )
     session.input.audio = SilenceInput()
     session.output.audio = DeadAudioOutput() if s.dead_sink else FastAudioOutput()

@@ -83,7 +83,7 @@ def bounds() -> dict[str, float]:
     }
 
 
-def _summary(out: Any) -> dict[str, Any]:
+def _summary(out: Any, *, replayed: bool) -> dict[str, Any]:
     report = out.report
     return {
         "closed": out.closed,
@@ -94,16 +94,20 @@ def _summary(out: Any) -> dict[str, Any]:
         "tasks_left": out.tasks_left,
         "clean": out.clean,
         "error": out.error,
+        # a replayed fuzz schedule lists its broken invariants in ``error``: findings (on
+        # vanilla, the bug), not a broken run
+        "broken": bool(out.error) and not replayed,
         "forced": bool(report.forced) if report is not None else None,
         "report_ms": report.duration_ms if report is not None else None,
     }
 
 
-async def _guarded(coro: Any, limit: float) -> dict[str, Any]:
+async def _guarded(coro: Any, limit: float, *, replayed: bool) -> dict[str, Any]:
     try:
-        return _summary(await asyncio.wait_for(coro, limit + _RUN_GUARD))
+        return _summary(await asyncio.wait_for(coro, limit + _RUN_GUARD), replayed=replayed)
     except Exception as exc:  # a broken run is a result, not the end of the shard
-        return {"closed": False, "clean": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        return {"closed": False, "clean": False, "error": error, "broken": True}
 
 
 async def run_one(sid: str, b: dict[str, float]) -> dict[str, Any]:
@@ -118,10 +122,12 @@ async def run_one(sid: str, b: dict[str, float]) -> dict[str, Any]:
     t0 = time.monotonic()
     kw = {"drain_timeout": b["drain_timeout"], "close_timeout": b["close_timeout"]}
     kw["graceful_timeout"] = b["graceful_timeout"]
+    replayed = sc.schedule is not None
+    vanilla_limit = b["vanilla_limit"] if sc.vanilla_hangs else None
     row["vanilla"] = await _guarded(
-        run_scenario(sc, patched=False, limit=b["vanilla_limit"] if sc.vanilla_hangs else None, **kw), bound
+        run_scenario(sc, patched=False, limit=vanilla_limit, **kw), bound, replayed=replayed
     )
-    row["layer"] = await _guarded(run_scenario(sc, patched=True, **kw), bound)
+    row["layer"] = await _guarded(run_scenario(sc, patched=True, **kw), bound, replayed=replayed)
     row["bound_ms"] = round(bound * 1000)
     row["vanilla_state"] = verdicts.vanilla_state(row["vanilla"], leaves_task=sc.leaves_task)
     row["verdict"] = verdicts.verdict(sc, row["vanilla"], row["layer"], row["bound_ms"])

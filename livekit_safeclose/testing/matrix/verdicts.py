@@ -44,11 +44,14 @@ def hang_class(sid: str) -> str:
 
 def vanilla_state(run: dict[str, Any], *, leaves_task: bool) -> str:
     """``hangs``, ``leaks`` (closed, but a provider stream, the close event or a task is
-    missing or left), ``closes`` (clean), or ``error``."""
+    missing or left, or a replayed schedule's invariant broken), ``closes`` (clean), or
+    ``error`` (the run itself broke)."""
+    broken = run.get("broken", bool(run.get("error")))
     if not run.get("closed"):
-        return "error" if run.get("error") else "hangs"
+        return "error" if broken else "hangs"
     left = run.get("tasks_left", 0) and not leaves_task
-    if run.get("provider_open") or run.get("close_events") != 1 or left:
+    findings = run.get("error") and not broken
+    if run.get("provider_open") or run.get("close_events") != 1 or left or findings:
         return "leaks"
     return "closes"
 
