@@ -93,7 +93,12 @@ def runs_code(task: asyncio.Task[Any], code: CodeType, owner: Any) -> bool:
 def works_for(task: asyncio.Task[Any], owned: set[int]) -> bool:
     """True when a frame of ``task``'s own chain is a method of one of the ``owned``
     objects (by ``id``): the task runs on their behalf."""
-    return any(id(f.f_locals.get("self")) in owned for f in frames(task, into_tasks=False))
+    # ``f_locals`` builds a dict of every local: read only in frames of methods
+    return any(
+        id(f.f_locals.get("self")) in owned
+        for f in frames(task, into_tasks=False)
+        if f.f_code.co_argcount and f.f_code.co_varnames[0] == "self"
+    )
 
 
 def module_of(task: asyncio.Task[Any]) -> str:

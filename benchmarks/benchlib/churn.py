@@ -22,7 +22,9 @@ from collections import Counter
 from typing import Any
 
 import livekit_safeclose as lsc
-from livekit_safeclose import streams as streams_ledger
+from livekit_safeclose import patching
+from livekit_safeclose.options import Options
+from livekit_safeclose.patch_table import LEDGER, PATCHES
 from livekit_safeclose.testing.scenarios import Scenario
 
 from .common import (
@@ -107,7 +109,7 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
     m: Mode = "layer" if mode == "layer" else "vanilla"
     set_mode(m, drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
     if m == "vanilla":
-        streams_ledger.install()  # observation only: the stream ledger, no close patch
+        patching.apply(PATCHES, LEDGER, Options.validated())  # observation only: no close patch
     limit = CLOSE_TIMEOUT + 1.0 if m == "layer" else VANILLA_WAIT
     rng = random.Random(SEED)
     warm, measured = _plans(m, quick, rng)
@@ -173,7 +175,7 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
     after = await _gauges(before, ledgers)
     after["sessions_alive"] = len(sessions)
     set_mode("vanilla")
-    streams_ledger.uninstall()
+    patching.revert_all()
     return {
         "sessions": len(measured),
         "warmup": len(warm),
