@@ -34,6 +34,7 @@ from typing import Any
 from . import toolsets
 from .adapters import close_recognition, forget_tool_tasks, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
+from .ownership import outputs_of
 from .report import StepOutcome
 from .stacks import frames
 
@@ -41,6 +42,8 @@ Method = Callable[..., Coroutine[Any, Any, Any]]
 
 #: kept before the teardown bound for completing an abandoned activity close
 COMPLETE_RESERVE = 0.3
+#: how long after the final-transcript wait the models' close may take before a sweep
+TRANSCRIPT_MARGIN = 0.1
 
 
 def unsettled_tasks(activity: Any) -> list[asyncio.Task[Any]]:
@@ -55,6 +58,7 @@ def force(close: BoundedClose, activity: Any) -> None:
     from livekit.agents.voice.agent import _get_activity_task_info
 
     tasks = unsettled_tasks(activity) + toolsets.tool_tasks(activity)  # a speech waits on these too
+    close.io_objects.update(outputs_of(activity._session))  # the sinks as they are now
     if (sched := activity._scheduling_atask) is not None and not sched.done():
         tasks.append(sched)
     close.cancel(tasks)
@@ -118,6 +122,9 @@ def wrap_drain(original: Method, _options: Any) -> Method:
         close.touch(self)
         start = time.monotonic()
         inner = asyncio.ensure_future(original(self, *args, **kwargs))
+        # upstream detaches the outputs right after the drain: a sink set during the close
+        # (the caller hung up) is seen only now, and a playout wait on it works for the session
+        inner.add_done_callback(lambda _: close.io_objects.update(outputs_of(self._session)))
         forced = False
         try:
             if not await close.wait_phase(inner, drain=True):
@@ -202,8 +209,14 @@ def _sweep_at(close: BoundedClose, start: float, allowance: float, reserve: floa
     phase's own bound (less ``reserve``) that the activity's teardown can still finish
     after the sweep."""
     bound = close.steps_deadline() - reserve
-    room = max(0.0, bound - start - close.transcript_timeout)
-    return min(bound - min(UNWIND_GRACE, room / 2), start + close.transcript_timeout + allowance)
+    heard = start + close.transcript_timeout  # the final-transcript wait ends here
+    room = max(0.0, bound - heard)
+    early = bound - min(UNWIND_GRACE, room / 2)
+    if close.holds_transcript():
+        # the transcript wait is never cut for the reserve: a sweep waits until it ended
+        # (and upstream closed the models right after), inside the phase's bound
+        early = max(early, min(heard + TRANSCRIPT_MARGIN, close.steps_deadline() - TRANSCRIPT_MARGIN))
+    return min(early, heard + allowance)
 
 
 async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:

@@ -1,9 +1,9 @@
 """One close of one session in flight: its bounds, its phase, and what it had to force.
 
 Every wait of a close is measured against the same two deadlines (the drain bound and the
-close bound), so the bounds of successive steps never add up. The close owns its
-bookkeeping (steps, stuck tasks, what it cancelled or abandoned); the :class:`CloseReport`
-is built from it once, at the end, and never read back to decide anything.
+close bound), so the bounds of successive steps never add up. What the close did (steps,
+stuck tasks, what it cancelled or abandoned) is kept by :class:`.CloseBookkeeping`, its base;
+the :class:`CloseReport` is built from it once, at the end.
 
 Cancellation rules enforced here:
 
@@ -25,9 +25,9 @@ from collections.abc import Awaitable
 from typing import Any, Literal, TypeVar
 
 from . import streams as streams_mod
+from .close_bookkeeping import CloseBookkeeping
 from .options import Options
-from .report import CloseReport, StepOutcome, StepRecord, StuckTask, logger, stuck_task
-from .stacks import task_name
+from .report import CloseReport, StepOutcome, logger
 
 T = TypeVar("T")
 
@@ -73,12 +73,13 @@ def _warn_tight(o: Options, transcript_timeout: float) -> None:
     )
 
 
-class BoundedClose:
+class BoundedClose(CloseBookkeeping):
     """State of one session close, shared by every caller that joins it."""
 
     def __init__(
         self, *, session_label: str, options: Options, reason: str, graceful: bool, transcript_timeout: float
     ) -> None:
+        super().__init__()
         self.options = options
         self.graceful = graceful
         self.transcript_timeout = transcript_timeout
@@ -97,30 +98,15 @@ class BoundedClose:
         self._phase_moved: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None  # the shared closing task
         self.upstream: asyncio.Future[None] | None = None  # upstream's close, watched
-        self.waiters: set[asyncio.Task[Any]] = set()  # tasks awaiting the close: spared
-        # weak: a finished close (kept on the session for its report) must not pin what
-        # it touched; a task still running on an activity's behalf keeps it alive anyway
-        self.activities: weakref.WeakSet[Any] = weakref.WeakSet()  # for the audit
         # outputs (before detached) and speech handles: their helper tasks work for the session
         self.io_objects: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.cancelled_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
-        self.zombies: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
-        self.pending: list[asyncio.Future[Any]] = []  # abandoned steps
         self.held_by_abandoned_drain: set[int] = set()  # ids of activities
         self.close_emitted = False
         self.was_started = False  # the session was started (or starting) when the close began
         self.interrupted_start = False  # the close cancelled what start() waited on
         self.abandoned_in: Phase | None = None  # where upstream's close was abandoned
         self.ended = False  # the completion ran: the close no longer acts
-        self.forced = False
         self.escalated_ms: float | None = None
-        self._steps: list[StepRecord] = []
-        self._stuck: dict[int, StuckTask] = {}
-        self._cancelled: list[str] = []
-        self._abandoned: list[str] = []
-        self._torn_down: list[str] = []
-        self._swept: list[str] = []
-        self._left_open: list[str] = []
         self.drain_deadline = math.inf
         self.close_deadline = math.inf
         self.escalated_by: str | None = None
@@ -146,6 +132,12 @@ class BoundedClose:
         if room < o.drain_timeout:
             _warn_tight(o, self.transcript_timeout)
         return max(min(o.drain_timeout, 0.1 * o.close_timeout), min(o.drain_timeout, room))
+
+    def holds_transcript(self) -> bool:
+        """``close_timeout`` has room for the final-transcript wait and the teardown after
+        it (when it has not, the wait is shortened and that was warned)."""
+        need = self.transcript_timeout + TEARDOWN_RESERVE + SWEEP_RESERVE + EMIT_RESERVE
+        return self.options.close_timeout >= need
 
     def escalate(self, by: str = "forced close") -> None:
         """A forced close joined a graceful one (or ``graceful_timeout`` passed): from now on
@@ -281,41 +273,7 @@ class BoundedClose:
                 return False
         return True
 
-    # -- bookkeeping -----------------------------------------------------------------------
-    def touch(self, activity: Any) -> None:
-        """``activity`` takes part in this close (the audit looks at it afterwards)."""
-        self.activities.add(activity)
-
-    def record(self, name: str, started: float, outcome: StepOutcome, detail: str = "") -> None:
-        ms = round((time.monotonic() - started) * 1000, 1)
-        self._steps.append(StepRecord(name=name, ms=ms, outcome=outcome, detail=detail))
-        if outcome in ("timeout", "abandoned"):
-            self.forced = True
-        elif outcome == "done":
-            self._torn_down.append(name)
-
-    def note_stuck(self, task: asyncio.Future[Any], *, swallowed: bool = False) -> None:
-        """Report ``task`` as stuck (once), with where it is parked."""
-        if not isinstance(task, asyncio.Task):
-            return
-        entry = self._stuck.get(id(task))
-        if entry is None:
-            self._stuck[id(task)] = stuck_task(task, swallowed_cancel=swallowed)
-        elif swallowed:
-            entry.swallowed_cancel = True
-        self.forced = True
-
-    def cancel(self, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-        """Cancel the live ``tasks`` the close may stop (never its own waiters), noting
-        each as stuck and cancelled. Awaits nothing."""
-        live = [t for t in tasks if not t.done() and t not in self.waiters]
-        for t in live:
-            self.note_stuck(t)
-            self.cancelled_tasks.add(t)
-            t.cancel()
-        self._cancelled.extend(task_name(t) for t in live if task_name(t) not in self._cancelled)
-        return live
-
+    # -- bounded bookkeeping -------------------------------------------------------------
     async def settle(self, name: str, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
         """Cancel ``tasks`` and give them the unwind grace; returns the zombies among them."""
         live = [t for t in tasks if not t.done() and t not in self.zombies and t not in self.waiters]
@@ -327,20 +285,6 @@ class BoundedClose:
         stuck = self.mark_zombies([t for t in live if not t.done()])
         self.record(name, start, "timeout" if stuck else "done", f"{len(stuck)} did not end" if stuck else "")
         return stuck
-
-    def mark_zombies(self, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-        for t in tasks:
-            self.zombies.add(t)
-            self.note_stuck(t, swallowed=True)
-        return tasks
-
-    def abandon(self, name: str, fut: asyncio.Future[Any], started: float) -> None:
-        """``fut`` hit its bound: cancel it once, leave it running, report where it is."""
-        self.note_stuck(fut)
-        fut.cancel()
-        self.pending.append(fut)
-        self._abandoned.append(name)
-        self.record(name, started, "abandoned")
 
     async def step(self, name: str, aw: Awaitable[T], deadline: float | None = None) -> T | None:
         """Run one teardown step bounded by ``deadline`` (default: one step allowance,
@@ -388,18 +332,6 @@ class BoundedClose:
         outcome: StepOutcome = "done" if len(closed) == len(leftover) else "timeout"
         self.record("streams.sweep", start, outcome, f"{len(closed)}/{len(leftover)} stopped")
         self.forced = True
-
-    def note_closed_by_force(self, labels: list[str]) -> None:
-        """Streams a feature's finisher stopped (the ledger's labels)."""
-        if labels:
-            self._swept.extend(labels)
-            self.forced = True
-
-    def note_streams_left_open(self, session: Any) -> None:
-        for e in streams_mod.streams_of(session):
-            if not e.task.done():
-                self._left_open.append(e.label)
-                self.note_stuck(e.task)
 
     # -- output --------------------------------------------------------------------------------
     def end(self) -> None:

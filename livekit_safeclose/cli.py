@@ -8,7 +8,6 @@ hard kill bound, so a vanilla hang can never hang the command.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fnmatch
 import importlib.util
 import json
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from typing import Any
 
 _KILL_MARGIN = 20.0  # seconds past the scenario's own bound before the subprocess is killed
@@ -92,121 +90,6 @@ def _missing_dependencies(e2e: bool) -> str | None:
         f"error: livekit-safeclose check needs {', '.join(missing + missing_e2e)}, which this "
         f"install lacks; run: pip install {' '.join(reqs)}"
     )
-
-
-def _run_one_inprocess(args: argparse.Namespace) -> int:
-    """The child side: run one scenario in one mode and print its outcome as JSON."""
-    import logging
-
-    logging.disable(logging.CRITICAL)  # the table is the output; the children stay quiet
-    from .testing.scenarios import SCENARIOS, run_scenario
-    from .testing.scenarios.runner import vanilla_limit
-
-    # a control (no hang expected) gets the full bound on vanilla too
-    hangs = SCENARIOS[args.scenario].vanilla_hangs
-
-    async def main() -> dict[str, Any]:
-        out = await run_scenario(
-            args.scenario,
-            patched=args.mode == "layer",
-            drain_timeout=args.drain_timeout,
-            close_timeout=args.close_timeout,
-            # where even a healthy close waits a fixed 2 s for the transcript, that is added
-            limit=vanilla_limit(args.vanilla_limit) if args.mode == "vanilla" and hangs else None,
-        )
-        d = asdict(out)
-        d["report"] = out.report.to_dict() if out.report is not None else None
-        d["clean"] = out.clean
-        return d
-
-    print(json.dumps(asyncio.run(main())), flush=True)
-    return 0
-
-
-def _run_e2e_inprocess(args: argparse.Namespace) -> int:
-    """The child side of ``--e2e``: one real-socket scenario against a stand-in provider
-    server started in this process, with the server's own connection counts."""
-    import logging
-
-    logging.disable(logging.CRITICAL)
-    from .testing.e2e import E2E_SCENARIOS, run_e2e_scenario
-    from .testing.standins import ProviderServer
-
-    scenario, _, stt_kind = args.scenario.partition("@")
-    hangs = E2E_SCENARIOS[scenario].vanilla_hangs
-    if E2E_SCENARIOS[scenario].fallback is not None:
-        return _run_fallback_inprocess(args)
-
-    async def main() -> dict[str, Any]:
-        with ProviderServer() as server:
-            out = await run_e2e_scenario(
-                scenario,
-                patched=args.mode == "layer",
-                server=server,
-                stt=stt_kind or "inference_stt",
-                drain_timeout=args.drain_timeout,
-                close_timeout=args.close_timeout,
-                limit=args.vanilla_limit if args.mode == "vanilla" and hangs else None,
-            )
-        layer = args.mode == "layer"
-        open_after = out.stt_open_after if layer else out.stt_open_at_close
-        open_after += out.realtime_open_after if layer else out.realtime_open_at_close
-        tasks_left, mcp = out.tasks_left, out.mcp
-        if mcp is not None:
-            # the MCP server's side: a live stdio child or an open HTTP connection is open,
-            # and its client's tasks are left running
-            open_after += int(mcp.child_alive) + mcp.http_open
-            tasks_left += mcp.tasks
-        return {
-            "scenario": args.scenario,
-            "closed": out.closed,
-            "ms": out.ms,
-            "provider_open": open_after,
-            "server_stt_open_at_close": out.stt_open_at_close,
-            "server_stt_open_after": out.stt_open_after,
-            "server_realtime_open_at_close": out.realtime_open_at_close,
-            "server_realtime_open_after": out.realtime_open_after,
-            "server_clean_closes": out.clean_closes,
-            "close_events": out.close_events,
-            "tasks_left": tasks_left,
-            "tasks_left_names": out.tasks_left_names + (mcp.task_names if mcp is not None else []),
-            "clean": out.closed
-            and open_after == 0
-            and out.close_events == 1
-            and tasks_left == 0
-            and not out.error
-            and (mcp is None or mcp.clean),
-            "mcp": asdict(mcp) if mcp is not None else None,
-            "error": out.error,
-            "report": out.report.to_dict() if out.report is not None else None,
-        }
-
-    print(json.dumps(asyncio.run(main())), flush=True)
-    return 0
-
-
-def _run_fallback_inprocess(args: argparse.Namespace) -> int:
-    """The child side of a ``FallbackAdapter`` e2e scenario: the verdict is the failed
-    provider's connections a second after the close, and the recovery tasks left."""
-    from .testing.e2e import run_fallback_scenario
-    from .testing.standins import ProviderServer
-
-    scenario, _, stt_kind = args.scenario.partition("@")
-
-    async def main() -> dict[str, Any]:
-        with ProviderServer() as server:
-            out = await run_fallback_scenario(
-                scenario,
-                patched=args.mode == "layer",
-                server=server,
-                primary=stt_kind or "deepgram_stt",
-                drain_timeout=args.drain_timeout,
-                close_timeout=args.close_timeout,
-            )
-        return out.as_row(args.scenario)
-
-    print(json.dumps(asyncio.run(main())), flush=True)
-    return 0
 
 
 def _spawn(
@@ -443,9 +326,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(args, parser)
     if args.command == "_run":
-        return _run_one_inprocess(args)
+        from .check_child import run_one
+
+        return run_one(args)
     if args.command == "_run_e2e":
-        code = _run_e2e_inprocess(args)
+        from .check_child import run_e2e
+
+        code = run_e2e(args)
         # the child's answer is printed: skip interpreter teardown, which can wait a minute
         # on native threads after a realtime run (the FFI audio resampler)
         sys.stdout.flush()

@@ -81,7 +81,7 @@ def test_catalogue_entry_is_ready_to_paste() -> None:
     schedule, choices = generate_one(1, 2)
     f = engine.Failure(2, schedule, choices, ["tasks-left: 1 task"], True, STUCK_TOOL, ["tasks-left: 1 task"])
     entry = engine.catalogue_entry(f)
-    from livekit_safeclose.testing.scenarios import catalogue
+    from livekit_safeclose.testing.scenarios import fuzz_found as catalogue
 
     ns: dict[str, Any] = vars(catalogue)
     built = eval(entry.strip().rstrip(","), ns)

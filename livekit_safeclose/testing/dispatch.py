@@ -20,82 +20,23 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 from livekit import api
 from livekit.protocol import agent, models
 
-__all__ = [
-    "DispatchServer",
-    "JobOfferResult",
-    "JobStatusUpdate",
-    "WorkerConnection",
-    "WorkerStatusUpdate",
-]
+from .dispatch_records import (
+    WORKER_STATUS_NAMES,
+    JobOfferResult,
+    JobStatusUpdate,
+    WorkerConnection,
+    WorkerStatusUpdate,
+)
+
+__all__ = ["DispatchServer", "JobOfferResult", "JobStatusUpdate", "WorkerConnection", "WorkerStatusUpdate"]
 
 _T = TypeVar("_T")
-
-_WORKER_STATUS_NAMES = {
-    agent.WorkerStatus.WS_AVAILABLE: "AVAILABLE",
-    agent.WorkerStatus.WS_FULL: "FULL",
-}
-
-
-@dataclass(frozen=True)
-class WorkerStatusUpdate:
-    """One ``UpdateWorkerStatus`` as the worker sent it (``at`` is ``time.monotonic()``)."""
-
-    worker_id: str
-    status: str  # "AVAILABLE" | "FULL"
-    load: float
-    job_count: int
-    at: float
-
-
-@dataclass(frozen=True)
-class JobStatusUpdate:
-    """One ``UpdateJobStatus`` (``status`` is the enum name, e.g. ``"JS_RUNNING"``)."""
-
-    worker_id: str
-    job_id: str
-    status: str
-    error: str
-    at: float
-
-
-@dataclass(frozen=True)
-class JobOfferResult:
-    """Outcome of :meth:`DispatchServer.offer_job`.
-
-    ``accepted`` is true only if the worker answered ``available=True`` and the assignment was
-    sent. ``responded`` is false if the worker never answered within the timeout.
-    """
-
-    job_id: str
-    accepted: bool
-    responded: bool
-    terminate: bool = False
-    participant_identity: str = ""
-    answered_at: float | None = None
-
-
-@dataclass
-class WorkerConnection:
-    """A registered worker (one websocket). Times are ``time.monotonic()``."""
-
-    worker_id: str
-    agent_name: str
-    version: str
-    auth_header: str
-    registered_at: float
-    disconnected_at: float | None = None
-    ws: web.WebSocketResponse | None = field(default=None, repr=False)
-
-    @property
-    def connected(self) -> bool:
-        return self.disconnected_at is None
 
 
 class DispatchServer:
@@ -133,7 +74,6 @@ class DispatchServer:
         self._ids = itertools.count(1)
 
     # -- lifecycle -------------------------------------------------------------------------
-
     def __enter__(self) -> DispatchServer:
         self.start()
         return self
@@ -164,14 +104,12 @@ class DispatchServer:
                 loop.run_until_complete(self._astart())
             except BaseException as e:  # surface bind errors to start()
                 errors.append(e)
-                started.set()
-                loop.close()
-                return
             started.set()
             try:
-                loop.run_forever()
+                if not errors:
+                    loop.run_forever()
+                    loop.run_until_complete(self._astop())
             finally:
-                loop.run_until_complete(self._astop())
                 loop.close()
 
         self._thread = threading.Thread(target=_run, name="safeclose-dispatch", daemon=True)
@@ -273,7 +211,7 @@ class DispatchServer:
                 self._worker_status.append(
                     WorkerStatusUpdate(
                         worker_id=conn.worker_id,
-                        status=_WORKER_STATUS_NAMES.get(u.status, str(u.status)),
+                        status=WORKER_STATUS_NAMES.get(u.status, str(u.status)),
                         load=u.load,
                         job_count=u.job_count,
                         at=now,
@@ -397,8 +335,7 @@ class DispatchServer:
                 answered_at=answered_at,
             )
 
-        result: JobOfferResult = self._call(_offer, timeout + 5.0)
-        return result
+        return self._call(_offer, timeout + 5.0)  # type: ignore[no-any-return]
 
     def terminate_job(self, job_id: str, *, worker_id: str | None = None) -> None:
         """Send ``JobTermination`` (what the server does when a room is deleted)."""
@@ -438,19 +375,14 @@ class DispatchServer:
         """First status update equal to ``status`` received at or after ``since``."""
 
         def _find() -> WorkerStatusUpdate | None:
-            for s in self._worker_status:
-                if s.status == status and s.at >= since and worker_id in (None, s.worker_id):
-                    return s
-            return None
+            ok = (u for u in self._worker_status if u.status == status and u.at >= since)
+            return next((u for u in ok if worker_id in (None, u.worker_id)), None)
 
         return self._wait(_find, timeout)
 
     def wait_job_status(self, job_id: str, status: str, timeout: float) -> JobStatusUpdate | None:
         def _find() -> JobStatusUpdate | None:
-            for s in self._job_status:
-                if s.job_id == job_id and s.status == status:
-                    return s
-            return None
+            return next((u for u in self._job_status if (u.job_id, u.status) == (job_id, status)), None)
 
         return self._wait(_find, timeout)
 

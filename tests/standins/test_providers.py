@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,12 +40,6 @@ from livekit_safeclose.testing.standins import (
 pytestmark = pytest.mark.timeout(20)
 
 FAST = APIConnectOptions(timeout=0.5, max_retry=0, retry_interval=0.1)
-
-
-@pytest.fixture
-def srv() -> Iterator[ProviderServer]:
-    with ProviderServer() as server:
-        yield server
 
 
 @asynccontextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.timeout(20)
 
 KIND = "openai_realtime"
 FAST = APIConnectOptions(timeout=0.5, max_retry=0, retry_interval=0.1)
-
-
-@pytest.fixture
-def srv() -> Iterator[ProviderServer]:
-    with ProviderServer() as server:
-        yield server
 
 
 @asynccontextmanager

@@ -23,7 +23,8 @@ from .catalogue import E2E_IDS, E2E_SCENARIOS, E2EScenario
 from .churn import ChurnOutcome, run_churn
 from .fallback import FallbackOutcome, make_stt_fallback, refuse_until_unavailable, run_fallback_scenario
 from .models import E2E_CONN_OPTIONS, E2EModels, STTKind, make_e2e_session, make_models
-from .runner import E2EOutcome, run_e2e_scenario
+from .outcome import E2EOutcome
+from .runner import run_e2e_scenario
 
 __all__ = [
     "E2E_CONN_OPTIONS",

@@ -146,6 +146,9 @@ def run(
         index = -1 - i
         confirmed = bool(set(first[index].invariants) & set(v.invariants))
         summary.failures.append(_failure(seed, index, first[index], confirmed=confirmed))
+        if progress is not None:  # a long run shows each failure as it is found
+            state = "confirmed" if confirmed else "unconfirmed"
+            progress(f"#{index} failed ({state}): {'; '.join(str(x) for x in first[index].violations)}")
 
     if jobs > 1:
         _run_workers(n, seed, patched=patched, jobs=jobs, on_result=on_result)

@@ -14,11 +14,9 @@ from typing import Any, Literal
 from livekit.agents import Agent
 
 from ..fakes import FakeReply
-
-# FuzzSetup and Step: what the FUZZ_FOUND entries `livekit-safeclose fuzz` prints are built of
-from ..fuzz.schedule import Schedule, Step
-from ..fuzz.schedule import Setup as FuzzSetup
+from ..fuzz.schedule import Schedule
 from .agents import Ctx, HangingToolset, ScenarioAgent, StuckTask
+from .fuzz_found import FUZZ_FOUND, path_of
 
 ClosePath = Literal["aclose", "shutdown", "disconnect", "error", "graceful"]
 CLOSE_PATHS: tuple[ClosePath, ...] = ("aclose", "shutdown", "disconnect", "error")
@@ -250,98 +248,13 @@ HANG_CLASSES: tuple[_HangClass, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class FuzzFound:
-    """A failure ``livekit-safeclose fuzz`` found, as its minimal schedule (the command
-    prints this entry ready to paste)."""
-
-    id: str
-    stuck: str
-    schedule: Schedule
-    vanilla_hangs: bool = True
-    description: str = ""
-
-
-#: regression scenarios from the fuzzer, one per bug it found (its minimal schedule)
-FUZZ_FOUND: tuple[FuzzFound, ...] = (
-    FuzzFound(
-        "fuzz-stt-close-hang-tight-bound",
-        "STT close hangs, close_timeout too short for the model-close allowance",
-        Schedule(FuzzSetup(stt_close="hang"), ()),
-        description="With close_timeout=1.0 the forced aclose's model-close watchdog and the "
-        "phase bound fell on the same instant: the phase bound abandoned upstream's close "
-        "before the hung STT stream was stopped, and the final sweep no longer found the "
-        "stream (its creator was cancelled first): a provider connection and the turn "
-        "detector's tasks stayed open.",
-    ),
-    FuzzFound(
-        "fuzz-zombie-tool-tight-bound",
-        "tool swallowing CancelledError, default fuzz bounds (close_timeout=1.0)",
-        Schedule(FuzzSetup(), (Step("started"), Step("user", "tool:swallow"), Step("wait", 50),
-                               Step("close", "aclose"))),
-        description="Forcing and quarantining the zombie took two full unwind graces past the "
-        "drain bound, the whole teardown bound: the activity was never closed, leaving the "
-        "turn detector's tasks and the user-state timer behind.",
-    ),
-    FuzzFound(
-        "fuzz-graceful-stt-close-hang",
-        "graceful close whose STT stream close hangs",
-        Schedule(FuzzSetup(stt_close="hang"), (Step("started"), Step("close", "graceful"))),
-        description="A graceful close waited for the activity's close up to the phase bound, "
-        "where the phase bound abandoned it at the same instant: the hung stream was never "
-        "stopped, the turn detector's tasks leaked, and the report said forced without "
-        "saying escalated.",
-    ),
-    FuzzFound(
-        "fuzz-graceful-goodbye-queued-reply",
-        "graceful close during start(), the caller hangs up, a second reply queued",
-        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "text"), Step("close", "graceful"),
-                               Step("hangup"), Step("user", "text"))),
-        description="The queued reply's speech task waits for its turn in a helper task of its "
-        "SpeechHandle (_wait_for_authorization); forcing the speech task at the graceful "
-        "bound does not reach that helper, and the layer did not count the handle as "
-        "working for the session: the task outlived the close.",
-    ),
-    FuzzFound(
-        "fuzz-forced-on-exit-last-words",
-        "forced close while a slow on_exit runs; the caller's last words arrive on the flush",
-        Schedule(FuzzSetup(on_exit="slow", final_on_flush=True), ()),
-        vanilla_hangs=False,
-        description="drain() awaits on_exit before it pauses scheduling; forced there, it never "
-        "paused it, so the last words the close's flush committed took the running path (a "
-        "reply, cancelled by the close) instead of landing in the history. Vanilla, which "
-        "waits for on_exit, keeps them.",
-    ),
-    FuzzFound(
-        "fuzz-zombie-on-exit-shutdown",
-        "on_exit swallowing CancelledError, shutdown(drain=False)",
-        Schedule(FuzzSetup(on_exit="swallow"), (Step("started"), Step("close", "shutdown"))),
-        description="Upstream's close was abandoned in its drain, whose zombie on_exit keeps "
-        "the activity lock: the activity's own close then waited for that lock until it was "
-        "abandoned too, so the activity was never closed and stayed attached to the closed "
-        "session (session._activity).",
-    ),
-)  # fmt: skip
-
-
-def _path_of(schedule: Schedule) -> ClosePath:
-    """The first close path of a schedule, as the catalogue names paths."""
-    names: dict[str, ClosePath] = {"graceful": "graceful", "shutdown": "shutdown", "disconnect": "disconnect"}
-    for step in schedule.steps:
-        if step.kind == "error":
-            return "error"
-        if step.kind == "close":
-            return names.get(str(step.arg), "aclose")
-    return "aclose"
-
-
 async def _replayed(ctx: Ctx) -> Agent:
     raise NotImplementedError("a fuzz scenario is replayed from its schedule")
 
 
 def _fuzz_scenarios() -> list[Scenario]:
     return [
-        Scenario(f.id, f.stuck, _path_of(f.schedule), f.description or f.stuck, _replayed,
+        Scenario(f.id, f.stuck, path_of(f.schedule), f.description or f.stuck, _replayed,
                  vanilla_hangs=f.vanilla_hangs, tags=("fuzz",), schedule=f.schedule)
         for f in FUZZ_FOUND
     ]  # fmt: skip
