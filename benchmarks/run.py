@@ -210,6 +210,11 @@ def _half(res: dict[str, Any]) -> str:
     return "n/a" if not h else f"{_fmt(h['mb'])} ({h['from']}->{h['to']})"
 
 
+def _alive(end: dict[str, Any]) -> str:
+    a = end.get("closed_sessions_alive")
+    return "-" if a is None else f"{a['held']} (+{a['zombies_sessions']})"
+
+
 def _churn_rows(r: dict[str, Any], quick: bool) -> list[Row]:
     lay, van = r.get("layer", {}), r.get("vanilla", {})
     if "error" in lay or "error" in van:
@@ -243,6 +248,10 @@ def _churn_rows(r: dict[str, Any], quick: bool) -> list[Row]:
          f"{van['py_blocks_growth']} / {van['py_blocks_growth_after_release']}",
          f"{lay['py_blocks_growth']} / {lay['py_blocks_growth_after_release']}", "(reported)", "-"),
         ("churn: sessions still in memory at end", str(ve["sessions_alive"]), str(le["sessions_alive"]), "(reported)", "-"),
+        ("churn: closed sessions still alive after gc, zombies' sessions aside (+ held by a zombie)",
+         _alive(ve), _alive(le), "0 layer", _met(le.get("closed_sessions_alive", {}).get("held", 1) == 0)),
+        ("churn: RSS growth after releasing zombies and malloc_trim(0), MB", _fmt(van.get("rss_growth_after_trim_mb")),
+         _fmt(lay.get("rss_growth_after_trim_mb")), "(reported)", "-"),
     ]  # fmt: skip
 
 

@@ -42,35 +42,53 @@ STUCK_KINDS: tuple[StuckKind, ...] = (
 #: a close is bounded by ``close_timeout`` (10 s by default); a healthy one takes milliseconds
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0)
 
-if _prom is not None:
-    CLOSES = _prom.Counter(
-        "lk_safeclose_closes",
-        "Session closes by outcome: clean (no bound hit), forced (a bound was hit, everything "
-        "stopped), abandoned (something was left running or open)",
-        ["outcome", "reason"],
-    )
-    CLOSE_DURATION = _prom.Histogram(
-        "lk_safeclose_close_duration_seconds",
-        "How long a session close took, from the first close call to its report",
-        ["outcome"],
-        buckets=DURATION_BUCKETS,
-    )
-    STUCK = _prom.Counter(
-        "lk_safeclose_stuck_tasks",
-        "Tasks a close found stuck (had to cancel, or could not stop), by what they were",
-        ["kind"],
-    )
-    OPEN_STREAMS = _prom.Gauge(
-        "lk_safeclose_open_streams",
-        "Provider streams (STT, TTS, LLM) open now, from the stream ledger",
-        ["kind"],
-        multiprocess_mode="livesum",
-    )
-    ZOMBIES = _prom.Gauge(
-        "lk_safeclose_zombie_tasks",
-        "Tasks a forced close cancelled that swallowed the cancellation and still run",
-        multiprocess_mode="livesum",
-    )
+
+class _Metrics:
+    """The five metrics, made on first use (not at import: importing the package, as a
+    vanilla worker's agent file may, must not add metrics to its ``/metrics``)."""
+
+    def __init__(self, prom: Any) -> None:
+        self.closes = prom.Counter(
+            "lk_safeclose_closes",
+            "Session closes by outcome: clean (no bound hit), forced (a bound was hit, everything "
+            "stopped), abandoned (something was left running or open)",
+            ["outcome", "reason"],
+        )
+        self.close_duration = prom.Histogram(
+            "lk_safeclose_close_duration_seconds",
+            "How long a session close took, from the first close call to its report",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+        )
+        self.stuck = prom.Counter(
+            "lk_safeclose_stuck_tasks",
+            "Tasks a close found stuck (had to cancel, or could not stop), by what they were",
+            ["kind"],
+        )
+        self.open_streams = prom.Gauge(
+            "lk_safeclose_open_streams",
+            "Provider streams (STT, TTS, LLM) open now, from the stream ledger",
+            ["kind"],
+            multiprocess_mode="livesum",
+        )
+        self.zombies = prom.Gauge(
+            "lk_safeclose_zombie_tasks",
+            "Tasks a forced close cancelled that swallowed the cancellation and still run",
+            multiprocess_mode="livesum",
+        )
+
+
+_made: _Metrics | None = None
+
+
+def made() -> _Metrics | None:
+    """The metrics, made (registered on prometheus_client's default registry) on first call;
+    ``None`` without prometheus_client."""
+    global _made
+    if _made is None and _prom is not None:
+        _made = _Metrics(_prom)
+    return _made
+
 
 #: zombies still running, process-wide (weak: a collected task is no longer one)
 _zombies: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -124,20 +142,21 @@ def _source_line(where: str) -> str:
 
 def record_close(report: CloseReport, zombies: Iterable[asyncio.Task[Any]] = ()) -> None:
     """Count one published close: its outcome, duration, stuck tasks and new zombies."""
-    if _prom is None:
+    m = made()
+    if m is None:
         return
     result = outcome(report)
-    _child(CLOSES, result, report.reason).inc()
-    _child(CLOSE_DURATION, result).observe(report.duration_ms / 1000)
+    _child(m.closes, result, report.reason).inc()
+    _child(m.close_duration, result).observe(report.duration_ms / 1000)
     if result == "clean":
         return
     for stuck in report.stuck:
-        _child(STUCK, stuck_kind(stuck)).inc()
+        _child(m.stuck, stuck_kind(stuck)).inc()
     for task in zombies:
         if not task.done() and task not in _zombies:
             _zombies.add(task)
             task.add_done_callback(_zombie_ended)
-    ZOMBIES.set(_live_zombies())
+    m.zombies.set(_live_zombies())
 
 
 #: labelled children already made: ``labels()`` validates and locks on every call
@@ -157,7 +176,9 @@ def _live_zombies() -> int:
 
 
 def _zombie_ended(_: asyncio.Task[Any]) -> None:
-    ZOMBIES.set(_live_zombies())
+    m = made()
+    if m is not None:
+        m.zombies.set(_live_zombies())
 
 
 def zombie_tasks() -> int:
@@ -167,14 +188,16 @@ def zombie_tasks() -> int:
 
 def stream_opened(kind: str) -> None:
     """The stream ledger registered a stream of ``kind``."""
-    if _prom is not None:
-        _child(OPEN_STREAMS, kind).inc()
+    m = made()
+    if m is not None:
+        _child(m.open_streams, kind).inc()
 
 
 def stream_closed(kind: str) -> None:
     """A stream the ledger registered ended."""
-    if _prom is not None:
-        _child(OPEN_STREAMS, kind).dec()
+    m = made()
+    if m is not None:
+        _child(m.open_streams, kind).dec()
 
 
 def forget_process(pid: int) -> None:

@@ -100,8 +100,12 @@ def works_for(task: asyncio.Task[Any], owned: set[int]) -> bool:
     """True when a frame of ``task``'s own chain is a method of one of the ``owned``
     objects (by ``id``), or was given one of them as its speech handle: the task runs on
     their behalf."""
+    # ``f_locals`` builds a dict of every local: read only in frames that take an owner
     return any(
-        id(f.f_locals.get(name)) in owned for f in frames(task, into_tasks=False) for name in _OWNER_LOCALS
+        id(f.f_locals.get(name)) in owned
+        for f in frames(task, into_tasks=False)
+        for name in _OWNER_LOCALS
+        if name in f.f_code.co_varnames[: f.f_code.co_argcount + f.f_code.co_kwonlyargcount]
     )
 
 

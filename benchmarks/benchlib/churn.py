@@ -15,6 +15,9 @@ running, so vanilla runs fewer sessions.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import random
 import sys
 import weakref
@@ -22,7 +25,9 @@ from collections import Counter
 from typing import Any
 
 import livekit_safeclose as lsc
-from livekit_safeclose import streams as streams_ledger
+from livekit_safeclose import patching
+from livekit_safeclose.options import Options
+from livekit_safeclose.patch_table import LEDGER, PATCHES
 from livekit_safeclose.testing.scenarios import Scenario
 
 from .common import (
@@ -103,11 +108,34 @@ async def _gauges(before: set[asyncio.Task[Any]], ledgers: list[Any]) -> dict[st
     }
 
 
+def _closed_alive(closed: weakref.WeakSet[Any], with_zombies: weakref.WeakSet[Any]) -> dict[str, int]:
+    """Sessions whose close returned and that are still in memory after a full collection:
+    ``held`` apart from the ones a zombie of theirs still holds."""
+    gc.collect()
+    alive = list(closed)
+    return {"total": len(alive), "zombies_sessions": sum(s in with_zombies for s in alive),
+            "held": sum(s not in with_zombies for s in alive)}  # fmt: skip
+
+
+def _malloc_trim() -> int | None:
+    """RSS after ``malloc_trim(0)`` (glibc), ``None`` where there is no such call."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return None
+    gc.collect()
+    trim(0)
+    return settled_rss()
+
+
 async def run(mode: str, quick: bool) -> dict[str, Any]:
     m: Mode = "layer" if mode == "layer" else "vanilla"
     set_mode(m, drain_timeout=DRAIN_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
     if m == "vanilla":
-        streams_ledger.install()  # observation only: the stream ledger, no close patch
+        patching.apply(PATCHES, LEDGER, Options.validated())  # observation only: no close patch
     limit = CLOSE_TIMEOUT + 1.0 if m == "layer" else VANILLA_WAIT
     rng = random.Random(SEED)
     warm, measured = _plans(m, quick, rng)
@@ -118,6 +146,10 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
     # weak set of the sessions (its entries go as the sessions are collected)
     ledgers: list[Any] = []
     sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+    #: sessions whose close returned, and those of them whose close left a zombie (a zombie's
+    #: frames hold its session until it is released)
+    closed_ok: weakref.WeakSet[Any] = weakref.WeakSet()
+    with_zombies: weakref.WeakSet[Any] = weakref.WeakSet()
     per_kind: Counter[str] = Counter()
     not_closed: Counter[str] = Counter()
     forced_healthy = 0
@@ -142,6 +174,10 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
             if m == "layer" and fault is None:
                 forced_healthy += forced(opened.session)
             found = lsc.audit(opened.session)
+            if closed:
+                closed_ok.add(opened.session)
+            if found.zombies:
+                with_zombies.add(opened.session)
             for what, count in (
                 ("tasks", len(found.tasks)),
                 ("zombies", len(found.zombies)),
@@ -164,6 +200,7 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
     end = await _gauges(before, ledgers)
     end["timers_by_callback"] = _timers_by_owner()
     end["sessions_alive"] = len(sessions)
+    end["closed_sessions_alive"] = _closed_alive(closed_ok, with_zombies)
 
     # release the zombies (and, on vanilla, stop what never closed), then look again
     for led in ledgers:
@@ -172,8 +209,10 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
     await asyncio.sleep(0.1)
     after = await _gauges(before, ledgers)
     after["sessions_alive"] = len(sessions)
+    after["closed_sessions_alive"] = _closed_alive(closed_ok, with_zombies)
+    trimmed = _malloc_trim()
     set_mode("vanilla")
-    streams_ledger.uninstall()
+    patching.revert_all()
     return {
         "sessions": len(measured),
         "warmup": len(warm),
@@ -201,6 +240,11 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
         "rss_growth_after_release_mb": round((after["rss_bytes"] - start["rss_bytes"]) / 2**20, 2),
         "py_blocks_growth": end["py_blocks"] - start["py_blocks"],
         "py_blocks_growth_after_release": after["py_blocks"] - start["py_blocks"],
+        # glibc handing its free pages back: what RSS growth is left after it is memory the
+        # process holds, the rest was freed memory the allocator kept
+        "rss_growth_after_trim_mb": None
+        if trimmed is None
+        else round((trimmed - start["rss_bytes"]) / 2**20, 2),
         "fd_growth": end["fds"] - start["fds"],
         "timer_growth": end["timers"] - start["timers"],
     }

@@ -11,7 +11,12 @@ SC_PROVIDER       the stand-in's base URL (http://127.0.0.1:PORT)
 SC_MODE           "stuck_tool": the job asks the LLM (scripted by the test to call ``lookup``)
                   and the tool parks forever; the entrypoint returns, the session lives on.
                   "healthy": the session idles for SC_JOB_SECONDS, then ``ctx.shutdown()``.
+                  "stuck_tool_aclose": the same, then the entrypoint force-closes the session
+                  (``session.aclose()``) and the job lives on SC_JOB_SECONDS.
 SC_IDLE           num_idle_processes
+SC_PROM_DIR       when set, the worker serves livekit-agents' ``/metrics`` on 127.0.0.1
+                  (``prometheus_port=0``, the port is logged) in multiprocess mode over this
+                  directory (``prometheus_multiproc_dir``)
 
 A job request for a room named ``idle-report*`` is refused after printing
 ``aidle_report(server)`` as a marker. The entrypoint never calls ``ctx.connect()`` (no room
@@ -99,11 +104,13 @@ class StuckAgent(Agent):
         return "found it"
 
 
+PROM_DIR = os.environ.get("SC_PROM_DIR", "")
 server = AgentServer(
     num_idle_processes=int(os.environ.get("SC_IDLE", "1")),
     load_threshold=math.inf,
     load_fnc=lambda: 0.0,
     port=0,
+    **({"host": "127.0.0.1", "prometheus_port": 0, "prometheus_multiproc_dir": PROM_DIR} if PROM_DIR else {}),
 )
 
 
@@ -145,10 +152,13 @@ async def entrypoint(ctx: JobContext) -> None:
     await session.start(agent)
     mark(f"session_started {job_id}")
 
-    if MODE == "stuck_tool":
+    if MODE in ("stuck_tool", "stuck_tool_aclose"):
         session.generate_reply(user_input="please look it up")
         await asyncio.wait_for(agent.tool_entered.wait(), 10)
-        return  # like most entrypoints: the session lives on after it returns
+        if MODE == "stuck_tool":
+            return  # like most entrypoints: the session lives on after it returns
+        await session.aclose()
+        mark(f"session_aclosed {job_id}")
 
     await asyncio.sleep(JOB_SECONDS)
     mark(f"job_end {job_id}")
