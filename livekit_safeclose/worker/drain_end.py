@@ -35,6 +35,7 @@ from typing import Any
 from .. import patching
 from ..options import Options
 from . import bounds, handoff, servers
+from .kill import kill_job_process
 
 logger = logging.getLogger("livekit.agents.safeclose")
 
@@ -275,17 +276,10 @@ async def _bounded_proc_close(proc: Any, task: asyncio.Future[None]) -> None:
     await asyncio.wait({task}, timeout=bound)
     if task.done():
         return task.result()
-    pid = getattr(proc, "pid", None)
-    logger.warning(
-        "job process %s did not end within %.1fs of its forced shutdown; killing it",
-        pid,
-        bound,
-        extra={"pid": pid},
+    await kill_job_process(
+        proc, "job process %s did not end within %.1fs of its forced shutdown; killing it", bound
     )
-    try:
-        await proc.kill()
-    except Exception:
-        logger.warning("killing job process %s failed", pid, exc_info=True)
+    pid = getattr(proc, "pid", None)
     await asyncio.wait({task}, timeout=bounds.PROC_EXIT_SLACK + 1.0)
     if task.done():
         return task.result()

@@ -30,6 +30,7 @@ from ..options import Options
 from ..report import stuck_task
 from ..stacks import parked_at
 from . import bounds
+from .kill import kill_job_process
 
 logger = logging.getLogger("livekit.agents.safeclose")
 
@@ -136,17 +137,9 @@ async def _kill_if_alive(proc: Any, bound: float) -> None:
     supervise = getattr(proc, "_supervise_atask", None)
     if supervise is None or supervise.done():
         return
-    pid = getattr(proc, "pid", None)
-    logger.warning(
-        "job process %s still running %.1fs after its shutdown began; killing it",
-        pid,
-        bound,
-        extra={"pid": pid},
+    await kill_job_process(
+        proc, "job process %s still running %.1fs after its shutdown began; killing it", bound
     )
-    try:
-        await proc.kill()
-    except Exception:
-        logger.warning("killing job process %s failed", pid, exc_info=True)
 
 
 def wrap_supervise_task(original: Callable[..., Any], _options: Options) -> Callable[..., Any]:
