@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker_harness import API_KEY, API_SECRET, WorkerProcess
+from worker_harness import API_KEY, API_SECRET, WorkerProcess, pid_alive
 
 from livekit_safeclose import worker as safeclose_worker
 from livekit_safeclose.testing.dispatch import DispatchServer
@@ -86,16 +86,6 @@ class SessionOutcome:
         )
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return data[data.rindex(")") + 2 :].split()[0] != "Z"
-
-
 def run(sc: SessionScenario, *, patched: bool, log_dir: Path) -> SessionOutcome:
     log_path = log_dir / f"{sc.name}-{'layer' if patched else 'vanilla'}.log"
     out = SessionOutcome(scenario=sc, patched=patched, log_path=log_path)
@@ -155,7 +145,7 @@ def run(sc: SessionScenario, *, patched: bool, log_dir: Path) -> SessionOutcome:
                     second_sent = True
                 if out.stt_closed_after is None and prov.open_connections(STT) == 0:
                     out.stt_closed_after = now - sigterm_at
-                if out.job_exit_after is None and not _alive(out.job_pid):
+                if out.job_exit_after is None and not pid_alive(out.job_pid):
                     out.job_exit_after = now - sigterm_at
                 rc = w.poll()
                 if rc is not None and w.exited_at is not None:
@@ -173,7 +163,7 @@ def run(sc: SessionScenario, *, patched: bool, log_dir: Path) -> SessionOutcome:
                 out.group_left = w.group_left()
         finally:
             w.kill_group()
-            if out.job_pid is not None and _alive(out.job_pid):  # an orphan outside the group
+            if out.job_pid is not None and pid_alive(out.job_pid):  # an orphan outside the group
                 try:
                     os.kill(out.job_pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):

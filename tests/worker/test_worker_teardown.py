@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from worker_harness import API_KEY, API_SECRET, WorkerProcess
+from worker_harness import API_KEY, API_SECRET, WorkerProcess, pid_alive
 
 from livekit_safeclose.testing.dispatch import DispatchServer
 from livekit_safeclose.worker import bounds
@@ -69,16 +69,6 @@ class JobOutcome:
         )
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return data[data.rindex(")") + 2 :].split()[0] != "Z"
-
-
 def _run(patched: bool, log_dir: Path) -> dict[str, JobOutcome]:
     log = log_dir / f"teardown-{'layer' if patched else 'vanilla'}.log"
     out = {room: JobOutcome(room) for room in ROOMS}
@@ -104,7 +94,7 @@ def _run(patched: bool, log_dir: Path) -> dict[str, JobOutcome]:
                     if o.started_at is None:
                         st = w.wait_mark(f"session_started {o.room}", 0)
                         o.started_at = None if st is None else st.at
-                    if o.exited_at is None and not _alive(o.pid):
+                    if o.exited_at is None and not pid_alive(o.pid):
                         o.exited_at = now
                 if all(o.exited_at is not None for o in out.values()):
                     break
@@ -117,7 +107,7 @@ def _run(patched: bool, log_dir: Path) -> dict[str, JobOutcome]:
         finally:
             w.kill_group()
             for o in out.values():
-                if _alive(o.pid):
+                if pid_alive(o.pid):
                     assert o.pid is not None
                     try:
                         os.kill(o.pid, signal.SIGKILL)

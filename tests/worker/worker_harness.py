@@ -26,6 +26,17 @@ API_SECRET = "safeclose-test-secret-0123456789abcdef"  # >= 32 bytes: no PyJWT w
 _MARK_RE = re.compile(r"^SCMARK (?P<t>[0-9.]+) (?P<pid>\d+) (?P<text>.*)$")
 
 
+def pid_alive(pid: int | None) -> bool:
+    """``pid`` runs (a zombie, exited but not reaped, does not)."""
+    if pid is None:
+        return False
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return data[data.rindex(")") + 2 :].split()[0] != "Z"
+
+
 @dataclass(frozen=True)
 class Mark:
     """A ``SCMARK`` line printed by a test agent (``at`` is ``time.monotonic()``)."""
