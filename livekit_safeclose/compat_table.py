@@ -82,6 +82,8 @@ BG_AUDIO = "livekit.agents.voice.background_audio:BackgroundAudioPlayer"
 #: ``livekit_safeclose.background_audio``: optional (a release without the player has nothing
 #: to close); the task slots are read where present
 BACKGROUND_AUDIO: tuple[R, ...] = (
+    R("core", BG_AUDIO, "__init__", "method", optional=True),
+    R("core", "livekit.agents.voice.background_audio", "audio_frames_from_file", "attr", optional=True),
     R("core", BG_AUDIO, "start", "method", optional=True),
     R("core", BG_AUDIO, "aclose", "method", optional=True),
     R("core", BG_AUDIO, "play", "method", optional=True),

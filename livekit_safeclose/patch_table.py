@@ -15,7 +15,8 @@ SESSION = "livekit.agents.voice.agent_session:AgentSession"
 ACTIVITY = "livekit.agents.voice.agent_activity:AgentActivity"
 STT_FALLBACK = "livekit.agents.stt.fallback_adapter"
 TTS_FALLBACK = "livekit.agents.tts.fallback_adapter"
-BG_AUDIO = "livekit.agents.voice.background_audio:BackgroundAudioPlayer"
+BG_AUDIO_MODULE = "livekit.agents.voice.background_audio"
+BG_AUDIO = BG_AUDIO_MODULE + ":BackgroundAudioPlayer"
 
 CORE: frozenset[Part] = frozenset({"core"})
 LEDGER: frozenset[Part] = frozenset({"stream_ledger"})
@@ -53,6 +54,12 @@ PATCHES: tuple[Patch, ...] = (
           "a goodbye that does not finish within graceful_timeout closes the session by force",
           if_present=True),
     # -- BackgroundAudioPlayer (livekit_safeclose.background_audio) -----------------------
+    Patch(CORE, BG_AUDIO, "__init__", "livekit_safeclose.background_audio:wrap_init",
+          "the clips its mixer task decodes are noted with the player", if_present=True),
+    Patch(CORE, BG_AUDIO_MODULE, "audio_frames_from_file",
+          "livekit_safeclose.background_audio:wrap_audio_frames",
+          "each clip decoded for a player is noted with it: the player's close awaits the "
+          "clip's close instead of leaving it to the loop's finalizer", if_present=True),
     Patch(CORE, BG_AUDIO, "start", "livekit_safeclose.background_audio:wrap_start",
           "a player started with agent_session= is noted with it: the session's close closes it",
           if_present=True),

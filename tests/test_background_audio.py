@@ -115,3 +115,73 @@ async def test_layer_play_racing_player_aclose_starts_nothing() -> None:
     out = await _run(True, race="player")
     assert out["plays"] > 0 and out["undone"] == 0, out
     assert out["left"] == [] and not out["mixer_running"], out
+
+
+# -- the clip a close stops mid-decode -------------------------------------------------------
+# Upstream's player close cancels its play tasks and leaves each clip's generator to the loop's
+# async-generator finalizer, a task nobody awaits, which waits for the decoder thread. A clip
+# still decoding when the close comes (the first ~0.2 s of each pass of the built-in clip; on
+# 1.6.1-1.6.10, whose session close is fast, that is where the session's close lands) is then
+# still being closed after the close returned. A 60 s Ogg/Opus clip (about 1 s to decode) makes
+# the window wide and the test deterministic on every release.
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """60 s of a quiet tone, Ogg/Opus, encoded with PyAV (the decoder's own library)."""
+    import av
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("clips") / "long.ogg"
+    n, rate = 960, 48000
+    with av.open(str(path), "w") as out:
+        stream: Any = out.add_stream("libopus", rate=rate, layout="mono")
+        for i in range(60 * rate // n):
+            t = (np.arange(n) + i * n) / rate
+            frame = av.AudioFrame.from_ndarray(
+                (3000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).reshape(1, -1),
+                format="s16",
+                layout="mono",
+            )
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return str(path)
+
+
+async def _close_mid_decode(patched: bool, clip: str) -> dict[str, Any]:
+    layer = LayerForRun(patched, drain_timeout=0.5, close_timeout=2.0)
+    before = set(asyncio.all_tasks())
+    ctx = Ctx()
+    try:
+        session = make_session(ctx)
+        await session.start(Agent(instructions="test"))
+        player = BackgroundAudioPlayer(ambient_sound=clip)
+        await player.start(room=create_mock_room(), agent_session=session)
+        await asyncio.sleep(0.2)  # playing, the clip about a fifth decoded
+        await session.aclose()
+        await asyncio.sleep(0)
+        return {"left": [getattr(t.get_coro(), "__qualname__", "?") for t in tasks_since(before)]}
+    finally:
+        ctx.ledger.release()
+        await cancel_since(before)
+        layer.restore()
+
+
+@pytest.mark.vanilla
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_vanilla_session_close_leaves_the_clip_decoding(long_clip: str) -> None:
+    out = await _close_mid_decode(False, long_clip)
+    assert "BackgroundAudioPlayer._play_task" in out["left"], out  # the clip plays on
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_layer_session_close_closes_the_clip_mid_decode(long_clip: str) -> None:
+    # without the clip rows (the player closed, its clip left to the loop's finalizer) one
+    # task is still closing the clip here
+    out = await _close_mid_decode(True, long_clip)
+    assert out["left"] == [], out
