@@ -118,6 +118,13 @@ def close_recognition(recognition: Any) -> Coroutine[Any, Any, None]:
     return coro
 
 
+def handoff_parts(resources: Any) -> list[Any]:
+    """What ``AgentActivity.drain(new_activity=...)`` hands to the next activity (1.7.0+:
+    a ``_ReusableResources``; before, ``None``): the parts that run tasks of their own."""
+    names = ("stt_pipeline", "rt_session", "turn_detector_stream")
+    return [p for n in names if (p := getattr(resources, n, None)) is not None]
+
+
 def start_tasks(session: Any) -> list[asyncio.Task[Any]]:
     """The tasks ``start()`` is waiting on: this session's first activity update (toolset
     setup, activity start)."""
