@@ -24,6 +24,7 @@ from typing import Any
 
 from . import report as report_mod
 from . import streams as streams_mod
+from .activity import unsettled_tasks
 from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
@@ -83,7 +84,8 @@ async def finish(
         # a stream is matched to its session through its creator's await chain: before the
         # leftovers (the creators among them) are cancelled, or the sweep cannot find it
         streams_mod.streams_of(session)
-        if not (completed and _clean(close)):
+        lingering = await _let_speech_finish(close)
+        if lingering or not (completed and _clean(close)):
             await _stop_leftover_tasks(session, close)
         await _run_finishers(session, close)
         if close.options.close_models:
@@ -127,6 +129,25 @@ def _emit_close(session: Any, close: BoundedClose, *, reason: Any, error: Any) -
     session._started = False
     close.record("close_event", time.monotonic(), "done", "emitted by the layer")
     session.emit("close", CloseEvent(error=error, reason=reason))
+
+
+async def _let_speech_finish(close: BoundedClose) -> bool:
+    """Upstream's drain skips the speech tasks marked drain-blocked, and nothing cancels
+    them after: an ``on_enter`` still running when an ``AgentTask`` awaited from it found
+    the session closing outlives the close. A graceful close lets them finish within the
+    teardown bound. True when some still run (the leftover cancel then stops them)."""
+
+    def lingering() -> list[asyncio.Task[Any]]:
+        tasks = [t for act in list(close.activities) for t in unsettled_tasks(act)]
+        return [t for t in tasks if t not in close.waiters and t not in close.zombies]
+
+    left = lingering()
+    if left and close.graceful:
+        start = time.monotonic()
+        await asyncio.wait(left, timeout=close.left(close.steps_deadline()))
+        left = lingering()
+        close.record("drain_blocked.finish", start, "timeout" if left else "done")
+    return bool(left)
 
 
 def _clean(close: BoundedClose) -> bool:
