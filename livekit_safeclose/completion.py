@@ -24,7 +24,6 @@ from typing import Any
 
 from . import report as report_mod
 from . import streams as streams_mod
-from .activity import unsettled_tasks
 from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
@@ -132,20 +131,30 @@ def _emit_close(session: Any, close: BoundedClose, *, reason: Any, error: Any) -
 
 
 async def _let_speech_finish(close: BoundedClose) -> bool:
-    """Upstream's drain skips the speech tasks marked drain-blocked, and nothing cancels
-    them after: an ``on_enter`` still running when an ``AgentTask`` awaited from it found
+    """Upstream's drain skips the hooks marked drain-blocked, and nothing cancels them
+    after: an ``on_enter`` still running when an ``AgentTask`` awaited from it found
     the session closing outlives the close. A graceful close lets them finish within the
     teardown bound. True when some still run (the leftover cancel then stops them)."""
+    from livekit.agents.voice.agent import _get_activity_task_info
 
     def lingering() -> list[asyncio.Task[Any]]:
-        tasks = [t for act in list(close.activities) for t in unsettled_tasks(act)]
-        return [t for t in tasks if t not in close.waiters and t not in close.zombies]
+        # the hooks only (no speech handle): a reply may wait on a tool awaiting the close
+        hooks = [t for act in list(close.activities) for t in list(act._speech_tasks) if not t.done()]
+        return [
+            t
+            for t in hooks
+            if t not in close.waiters
+            and t not in close.zombies
+            and getattr(_get_activity_task_info(t), "speech_handle", None) is None
+        ]
 
     left = lingering()
     if left and close.graceful:
         start = time.monotonic()
         await asyncio.wait(left, timeout=close.left(close.steps_deadline()))
         left = lingering()
+        if left:
+            close.escalate("close_timeout")  # cut at its bound: a forced close now
         close.record("drain_blocked.finish", start, "timeout" if left else "done")
     return bool(left)
 

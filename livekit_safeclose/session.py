@@ -120,14 +120,16 @@ def wrap_on_error(original: Callable[..., None], _options: Any) -> Callable[...,
     @functools.wraps(original)
     def _on_error(self: Any, error: Any) -> None:
         closing = self._closing_task
-        if options_mod.for_session(self) is not None and closing is not None and not error.recoverable:
+        recoverable = getattr(error, "recoverable", True)
+        if options_mod.for_session(self) is not None and closing is not None and not recoverable:
             seen, counts = self.__dict__.get(ERRORS_ATTR, (None, None))
             if seen is not closing or counts is None:
                 counts = collections.Counter()
                 self.__dict__[ERRORS_ATTR] = (closing, counts)
-            counts[error.type] += 1
+            kind = getattr(error, "type", type(error).__name__)
+            counts[kind] += 1
             tolerated = getattr(self.conn_options, "max_unrecoverable_errors", 0)
-            if counts[error.type] > tolerated:
+            if counts[kind] > tolerated:
                 _forced_request(self, closing_of(self), "unrecoverable error")
         original(self, error)
         _note_request(self, closing)
