@@ -27,6 +27,7 @@ from typing import Any
 
 from . import options as options_mod
 from . import patching
+from . import streams as streams_mod
 from .activity import force, settle_drain_phase
 from .adapters import add_drain_blocked, start_tasks, transcript_timeout
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
@@ -280,6 +281,9 @@ async def _closing_main(
         await _wait_for_start(session, close)
         for act in activities_of(session):
             close.touch(act)
+        # matched now, while the parts that made them are reachable: a recognition close the
+        # close cuts short drops its STT pipeline before that pipeline's stream has ended
+        streams_mod.streams_of(session)
         close.upstream = asyncio.ensure_future(original(session, reason=reason, drain=drain, error=error))
         await _watch(session, close)
     finally:

@@ -185,6 +185,17 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "at once), and the turn detector stream it would have closed was not counted as "
         "working for the session: its main and transport tasks outlived the close.",
     ),
+    FuzzFound(
+        "fuzz-agent-task-stt-close-hang",
+        "teardown while a stuck AgentTask runs, the TTS stalled, the STT stream's close hangs",
+        Schedule(FuzzSetup(stt_close="hang"), (Step("started"), Step("tts_stall"),
+                                               Step("user", "talk+tool:stuck_task"), Step("wait", 50))),
+        description="The STT stream was matched to its session only at the end of the close, "
+        "through the pipeline that made it; the recognition close the close cut short had "
+        "dropped that pipeline by then, so the sweep never saw the stream (its hung close "
+        "kept the provider connection and the pump open). Streams are now matched when "
+        "the close begins (fuzz seed 7 #642).",
+    ),
 )  # fmt: skip
 
 
