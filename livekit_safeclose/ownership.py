@@ -88,6 +88,4 @@ def objects_of(session: Any, activities: Iterable[Any] = (), extra: Iterable[Any
             getattr(act, "_rt_session", None),
         ]
         objs.append(getattr(recognition, "_stt_pipeline", None))
-        # its tasks (the model's transport) outlive a recognition close the close cut short
-        objs.append(getattr(recognition, "_turn_detector_stream", None))
     return {id(o) for o in objs if o is not None}

@@ -54,7 +54,6 @@ class Replay:
         self.closes: list[Any] = []  # every BoundedClose a request started or joined
         self.reports: list[Any] = []  # their reports, as each close ended
         self.before: set[asyncio.Task[Any]] = set()
-        self.world.link = lambda req: self.tasks.append(asyncio.ensure_future(self._link(req)))
 
     # -- driving -------------------------------------------------------------------------
     async def start(self) -> None:

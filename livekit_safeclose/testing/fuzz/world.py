@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +65,6 @@ class World:
     step_errors: list[str] = field(default_factory=list)
     #: the STT delivered the caller's last words as a final transcript
     transcribed: bool = False
-    #: set by the replay: links a tool's close request to the close it started or joined
-    link: Callable[[Request], None] = lambda _req: None
 
     @property
     def session(self) -> AgentSession[Any]:
@@ -175,7 +173,6 @@ class FuzzAgent(ScenarioAgent):
         """Close the session and wait for it."""
         world = self._world
         req = world.request("tool:aclose", graceful=False)
-        world.link(req)
         try:
             await world.session.aclose()
         finally:
@@ -186,9 +183,8 @@ class FuzzAgent(ScenarioAgent):
     async def shutdown_tool(self) -> str:
         """End the call (gracefully)."""
         world = self._world
-        req = world.request("tool:shutdown", graceful=True)
+        world.request("tool:shutdown", graceful=True)
         world.session.shutdown(drain=True)
-        world.link(req)
         return "ending"
 
     @function_tool

@@ -174,18 +174,6 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "lets it finish within its bound (fuzz #1238).",
     ),
     FuzzFound(
-        "fuzz-abandoned-recognition-turn-detector",
-        "tight bounds, zombie tools, hung LLM/TTS closes (fuzz #7214 up to its restart)",
-        Schedule(FuzzSetup(drain_timeout=0.1, close_timeout=0.6, graceful_timeout=0.3, llm_close="hang",
-                           tts_close="hang"),
-                 (Step("started"), Step("user", "talk+tool:swallow"), Step("say", False),
-                  Step("close", "graceful"), Step("close", "disconnect"), Step("user", "talk+tool:swallow"),
-                  Step("hangup"), Step("tts_stall"))),
-        description="The close bound left no time for the audio recognition's close (abandoned "
-        "at once), and the turn detector stream it would have closed was not counted as "
-        "working for the session: its main and transport tasks outlived the close.",
-    ),
-    FuzzFound(
         "fuzz-agent-task-stt-close-hang",
         "teardown while a stuck AgentTask runs, the TTS stalled, the STT stream's close hangs",
         Schedule(FuzzSetup(stt_close="hang"), (Step("started"), Step("tts_stall"),
