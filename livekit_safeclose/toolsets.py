@@ -303,14 +303,16 @@ async def _bounded_shutdown(server: Any, close: BoundedClose, upstream: Method) 
 
 
 # -- the end of the close ------------------------------------------------------------------------
-async def finish(session: Any, close: BoundedClose) -> None:
+def finish(session: Any, close: BoundedClose) -> Coroutine[Any, Any, None] | None:
     """Completion hook (``completion.FINISHERS``): every MCP server of the session is shut
     down, bounded, even one whose toolset's ``aclose`` was never reached; an MCP client task
     still running once its server is gone (its child exited, or its connections closed) is
-    cancelled."""
+    cancelled. ``None`` when the session runs no MCP server."""
     servers = [s for s in _session_servers(session, close) if _running(s)]
-    if not servers:
-        return
+    return _shut_down_servers(close, servers) if servers else None
+
+
+async def _shut_down_servers(close: BoundedClose, servers: list[Any]) -> None:
     tasks = {s: shutdown(s, close) for s in servers}
     await asyncio.wait(tasks.values(), timeout=close.left(close.inner_deadline()))
     left = []
