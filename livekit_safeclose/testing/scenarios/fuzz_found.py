@@ -147,11 +147,12 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
     FuzzFound(
         "fuzz-forced-before-graceful-opened",
         "shutdown(drain=True) then at once shutdown(drain=False), on_exit swallowing",
-        Schedule(FuzzSetup(on_exit="swallow"), (Step("close", "graceful"), Step("close", "shutdown"))),
+        Schedule(FuzzSetup(on_exit="swallow"), (Step("started"), Step("close", "graceful"),
+                                                Step("close", "shutdown"))),
         description="shutdown() only creates the closing task; the forced request right after "
         "found no close to escalate (and upstream drops it: a closing task exists), so the "
         "close stayed graceful until graceful_timeout; its bounds also ran from when the "
-        "task first ran, not from the request (fuzz #284).",
+        "task first ran, not from the request (fuzz #284, there during start()).",
     ),
     FuzzFound(
         "fuzz-unrecoverable-error-during-graceful",
