@@ -79,3 +79,39 @@ def test_fixture_keeps_the_users_install_options(pytester: pytest.Pytester) -> N
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-q")
     result.assert_outcomes(passed=2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(10)
+async def test_abandoned_step_ending_in_an_exception_is_not_reported_never_retrieved() -> None:
+    """An abandoned step that raises later (a drain resumed on the fresh lock trips
+    upstream's lock assertion) is in the report already: the loop must not also print
+    "Task exception was never retrieved" for it."""
+    import time
+
+    from livekit_safeclose.close_bookkeeping import CloseBookkeeping
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+
+    async def late_failure() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)
+            raise AssertionError("resumed without the lock") from None
+
+    try:
+        book = CloseBookkeeping()
+        task = asyncio.ensure_future(late_failure())
+        await asyncio.sleep(0)
+        book.abandon("activity.drain", task, time.monotonic())
+        await asyncio.wait([task])
+        book.pending.clear()
+        del task
+        gc.collect()
+        assert not [c for c in reported if "never retrieved" in str(c.get("message"))]
+    finally:
+        loop.set_exception_handler(previous)
