@@ -42,7 +42,8 @@ class Request:
     path: str
     graceful: bool
     issued: float
-    #: the session was running (or starting) when the request was made
+    #: the session was running (or starting) when the request was made; for an error,
+    #: the session heard it (:func:`heard_by`)
     running: bool
     returned: float | None = None
     error: str = ""
@@ -75,10 +76,20 @@ class World:
         s = self.session
         return bool(s._started) or s._activity is not None or s._lock.locked()
 
-    def request(self, path: str, graceful: bool) -> Request:
-        req = Request(path, graceful, time.monotonic(), self.running())
+    def request(self, path: str, graceful: bool, *, running: bool | None = None) -> Request:
+        running = self.running() if running is None else running
+        req = Request(path, graceful, time.monotonic(), running)
         self.requests.append(req)
         return req
+
+
+def heard_by(session: AgentSession[Any], model: Any) -> bool:
+    """Whether an activity of ``session`` listens to ``model``'s errors. Upstream subscribes
+    only when an activity starts its session (after ``start()``'s toolset setup and agent
+    change), and a provider only errors from the streams that activity opens: an error
+    emitted before then reaches no session and is no close request."""
+    listeners = getattr(model, "_events", {}).get("error", ())
+    return any(getattr(getattr(fn, "__self__", None), "_session", None) is session for fn in listeners)
 
 
 #: what the STT answers the close's end-of-turn flush with (``Setup.final_on_flush``)
