@@ -81,6 +81,10 @@ def quarantine(close: BoundedClose, activity: Any) -> None:
         info = _get_activity_task_info(task)
         handle = info.speech_handle if info is not None else None
         if handle is not None and not handle.done():
+            # interrupted first, as upstream's timeout finds it: a tool reply the zombie's
+            # speech still creates on this handle then ends at once instead of waiting for
+            # an authorization that never comes (interrupt() ignores a done handle)
+            handle.interrupt(force=True)
             handle._mark_done()
 
 
@@ -223,8 +227,11 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     """A forced close of ``activity``: every tool cancelled, then upstream's ``aclose``
     watched; the session's streams stopped from outside when a model close hangs, and what
     an abandoned ``aclose`` never reached completed."""
-    # the toolsets' own executors too: an MCP toolset drains its calls before closing its server
-    await close.settle("tools.cancel", tool_tasks(activity) + toolsets.tool_tasks(activity))
+    # the toolsets' own executors too: an MCP toolset drains its calls before closing its
+    # server. A share of what is left, not a whole grace: a zombie tool the drain forced
+    # must not eat the time the activity's own close needs
+    tools = tool_tasks(activity) + toolsets.tool_tasks(activity)
+    await close.settle("tools.cancel", tools, deadline=close.drain_grace())
     quarantine(close, activity)
     toolsets.forget(activity, close.zombies)
     spare_waiters(close, activity)

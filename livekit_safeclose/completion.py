@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -102,9 +103,26 @@ async def finish(
             # a forced teardown's last agent-state change can re-arm upstream's user-away
             # timer on the closed session (it would fire, and pin the session, later)
             session._cancel_user_away_timer()
+            # so can the end of a speech the close cancelled that ends only now (its done
+            # callback sets the agent state listening)
+            disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()])
         close.end()
         session.off("close", on_close)
         report_mod.emit(session, close.report(completed=completed), close.zombies)
+
+
+def disarm_when_done(session: Any, tasks: list[asyncio.Task[Any]]) -> None:
+    """When each of ``tasks`` ends on the closed session, cancel the user-away timer its
+    end re-armed. The callback holds the session weakly (a manager task may close many)."""
+    ref = weakref.ref(session)
+
+    def _disarm(_: asyncio.Task[Any]) -> None:
+        s = ref()
+        if s is not None and not s._started:
+            s._cancel_user_away_timer()
+
+    for t in tasks:
+        t.add_done_callback(_disarm)
 
 
 async def _close_activities(session: Any, close: BoundedClose) -> None:
