@@ -49,6 +49,7 @@ class Replay:
     def __init__(self, schedule: Schedule, *, patched: bool) -> None:
         self.schedule, self.patched = schedule, patched
         self.world = World(schedule.setup)
+        self.world.on_request = lambda req: self.tasks.append(asyncio.ensure_future(self._link(req)))
         self.tasks: list[asyncio.Future[Any]] = []  # the replay's own: starters, awaited closes
         self.close_ends: dict[int, float] = {}  # id(BoundedClose) -> when its task ended
         self.closes: list[Any] = []  # every BoundedClose a request started or joined

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,8 @@ class World:
     step_errors: list[str] = field(default_factory=list)
     #: the STT delivered the caller's last words as a final transcript
     transcribed: bool = False
+    #: called with each request a tool makes (the replay links it to the close it started)
+    on_request: Callable[[Request], None] | None = None
 
     @property
     def session(self) -> AgentSession[Any]:
@@ -80,6 +82,8 @@ class World:
         running = self.running() if running is None else running
         req = Request(path, graceful, time.monotonic(), running)
         self.requests.append(req)
+        if path.startswith("tool:") and self.on_request is not None:
+            self.on_request(req)
         return req
 
 
