@@ -34,7 +34,7 @@ from typing import Any
 from . import toolsets
 from .adapters import close_recognition, forget_tool_tasks, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
-from .ownership import outputs_of
+from .ownership import outputs_of, sinks_held_by
 from .report import StepOutcome
 from .stacks import frames
 
@@ -68,6 +68,7 @@ def force(close: BoundedClose, activity: Any) -> None:
         info = _get_activity_task_info(task)
         if info is not None and info.speech_handle is not None:
             close.io_objects.add(info.speech_handle)
+            close.io_objects.update(sinks_held_by(task))
 
 
 def quarantine(close: BoundedClose, activity: Any) -> None:

@@ -62,6 +62,22 @@ def outputs_of(session: Any) -> list[Any]:
     return out
 
 
+def sinks_held_by(task: Any) -> list[Any]:
+    """The audio outputs a speech task plays into (its frames' locals): a sink replaced
+    since (the caller hung up) is no output of the session any more, yet a playout wait
+    on it was started by this speech."""
+    from livekit.agents.voice import io
+
+    from .stacks import frames
+
+    seen: list[Any] = []
+    for frame in frames(task):
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, io.AudioOutput) and all(value is not s for s in seen):
+                seen.append(value)
+    return seen
+
+
 def objects_of(session: Any, activities: Iterable[Any] = (), extra: Iterable[Any] = ()) -> set[int]:
     """Ids of the session, its activities (``activities`` plus the live ones), the parts of
     each activity that run tasks of their own, and ``extra`` objects."""
