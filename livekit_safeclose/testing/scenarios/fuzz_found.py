@@ -99,6 +99,36 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "sinks only when the close began, never saw the new one: a reply's "
         "AudioOutput.wait_for_playout task on it outlived the close.",
     ),
+    FuzzFound(
+        "fuzz-graceful-zombie-tool-reply",
+        "graceful close escalated on a tool swallowing CancelledError",
+        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "tool:swallow"), Step("close", "graceful"))),
+        description="Quarantine marked the zombie's speech handle done without interrupting it "
+        "(upstream never leaves a handle done but not interrupted): the tool reply upstream "
+        "still created on that handle waited for an authorization that never came, and its "
+        "_wait_for_authorization helper with it. The forced activity close then gave the "
+        "already forced zombie tool a whole unwind grace, the rest of the teardown bound: "
+        "the activity's close was abandoned and the turn detector's tasks were left.",
+    ),
+    FuzzFound(
+        "fuzz-tool-shutdown-zombie-timer",
+        "tool swallowing CancelledError, then a tool calls shutdown() (graceful)",
+        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "tool:swallow"), Step("user", "tool:shutdown"),
+                               Step("wait", 50))),
+        description="The zombie tool's speech ends only after the close, when the leftover "
+        "cancel reaches the tool's wrapper; its done callback sets the agent state listening "
+        "and re-arms upstream's user-away timer on the closed session (it fires 15 s later).",
+    ),
+    FuzzFound(
+        "fuzz-hangup-replaced-dead-sink",
+        "a reply into a dead sink, the caller hangs up (the sink replaced), teardown",
+        Schedule(FuzzSetup(dead_sink=True), (Step("wait", 0), Step("user", "text"), Step("wait", 0),
+                                             Step("hangup"), Step("wait", 50))),
+        description="The reply's AudioOutput.wait_for_playout task waits on the sink it "
+        "started on, which the hangup replaced before the close began: no output of the "
+        "session any more, so the layer did not count the task as working for the session "
+        "and it outlived the close.",
+    ),
 )  # fmt: skip
 
 
