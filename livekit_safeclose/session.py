@@ -20,7 +20,6 @@ import asyncio
 import functools
 import inspect
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
