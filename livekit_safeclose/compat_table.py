@@ -47,6 +47,7 @@ CORE: tuple[R, ...] = (
     R("core", ACTIVITY, "_audio_recognition", "init_attr"),
     R("core", ACTIVITY, "_rt_session", "init_attr", optional=True),
     R("core", RECOGNITION, "_stt_pipeline", "init_attr", optional=True),
+    R("core", RECOGNITION, "_turn_detector_stream", "init_attr", optional=True),
     R("core", "livekit.agents.voice.agent:Agent", "_activity", "init_attr"),
     R("core", "livekit.agents.voice.agent:AgentTask", "_old_agent", "init_attr"),
     R("core", "livekit.agents.voice.agent", "_get_activity_task_info", "attr"),

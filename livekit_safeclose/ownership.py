@@ -92,5 +92,9 @@ def objects_of(session: Any, activities: Iterable[Any] = (), extra: Iterable[Any
             getattr(act, "_tool_executor", None),
             getattr(act, "_rt_session", None),
         ]
-        objs.append(getattr(recognition, "_stt_pipeline", None))
+        # the turn detector's stream: its tasks outlive a recognition close that was abandoned
+        objs += [
+            getattr(recognition, "_stt_pipeline", None),
+            getattr(recognition, "_turn_detector_stream", None),
+        ]
     return {id(o) for o in objs if o is not None}
