@@ -129,6 +129,16 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "session any more, so the layer did not count the task as working for the session "
         "and it outlived the close.",
     ),
+    FuzzFound(
+        "fuzz-stuck-task-stt-close-hang-tight-bound",
+        "a tool stuck in an AgentTask's on_enter, STT close hangs, close_timeout=0.6",
+        Schedule(FuzzSetup(close_timeout=0.6, stt_close="hang"), (Step("wait", 0), Step("user", "tool:stuck_task"),
+                                                                  Step("wait", 50))),
+        description="The hung STT stream's sweep used up the teardown bound, so the audio "
+        "recognition's close was abandoned before it closed the turn detector's stream; the "
+        "layer did not count that stream as working for the session, and its two tasks "
+        "outlived the close.",
+    ),
 )  # fmt: skip
 
 
