@@ -25,6 +25,7 @@ from typing import Any
 
 from . import report as report_mod
 from . import streams as streams_mod
+from .activity import unsettled_tasks
 from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
@@ -150,8 +151,12 @@ def _emit_close(session: Any, close: BoundedClose, *, reason: Any, error: Any) -
 def _clean(close: BoundedClose) -> bool:
     """Nothing forced so far: upstream's close ran to its end by itself, so it stopped what
     it started; the scan of every task in the process (most of what a healthy close costs
-    the layer) is skipped."""
-    return not (close.forced or close.pending or close.zombies or close.escalated_ms is not None)
+    the layer) is skipped. Not when a closed activity still runs a speech or tool task:
+    upstream's drain skips the ones it is told not to wait for (an ``on_enter`` that an
+    ``AgentTask`` interrupted), and its ``aclose`` does not cancel them."""
+    if close.forced or close.pending or close.zombies or close.escalated_ms is not None:
+        return False
+    return not any(unsettled_tasks(act) for act in list(close.activities))
 
 
 async def _stop_leftover_tasks(session: Any, close: BoundedClose) -> None:
