@@ -25,8 +25,6 @@ class FuzzFound:
     stuck: str
     schedule: Schedule
     vanilla_hangs: bool = True
-    #: vanilla closes within its bound but leaves a task running (the layer must not)
-    vanilla_leaks: bool = False
     description: str = ""
 
 
@@ -145,8 +143,6 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "fuzz-on-enter-left-after-agent-task",
         "on_enter that never returns, a tool awaits an AgentTask, then the teardown",
         Schedule(FuzzSetup(on_enter="park"), (Step("started"), Step("user", "tool:task"), Step("wait", 10))),
-        vanilla_hangs=False,
-        vanilla_leaks=True,
         description="Shrunk from seed 7 #982 (on_enter=slow). After the AgentTask returns, "
         "upstream's drain no longer waits for the agent's on_enter and its aclose does not "
         "cancel it: the close ended cleanly by upstream's account, so the layer skipped its "
