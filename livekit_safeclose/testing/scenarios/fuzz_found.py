@@ -139,16 +139,6 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "layer did not count that stream as working for the session, and its two tasks "
         "outlived the close.",
     ),
-    FuzzFound(
-        "fuzz-on-enter-left-after-agent-task",
-        "on_enter that never returns, a tool awaits an AgentTask, then the teardown",
-        Schedule(FuzzSetup(on_enter="park"), (Step("started"), Step("user", "tool:task"), Step("wait", 10))),
-        description="Shrunk from seed 7 #982 (on_enter=slow). After the AgentTask returns, "
-        "upstream's drain no longer waits for the agent's on_enter and its aclose does not "
-        "cancel it: the close ended cleanly by upstream's account, so the layer skipped its "
-        "scan for leftover tasks and the on_enter outlived the close (forever, when it "
-        "never returns).",
-    ),
 )  # fmt: skip
 
 
