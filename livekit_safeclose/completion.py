@@ -86,6 +86,7 @@ async def finish(
         # leftovers (the creators among them) are cancelled, or the sweep cannot find it
         streams_mod.streams_of(session)
         if not (completed and _clean(close)):
+            await _let_skipped_speech_end(close)
             await _stop_leftover_tasks(session, close)
         await _run_finishers(session, close)
         if close.options.close_models:
@@ -159,19 +160,30 @@ def _clean(close: BoundedClose) -> bool:
     return not any(unsettled_tasks(act) for act in list(close.activities))
 
 
+def _spared(close: BoundedClose, t: asyncio.Task[Any]) -> bool:
+    """The close's own tasks, known zombies, and the close's waiters with whatever awaits
+    them (a tool awaiting the close resumes after it)."""
+    if t in (close.task, close.upstream, asyncio.current_task()) or t in close.zombies or t in close.waiters:
+        return True
+    return any(w in close.waiters for w in awaited_tasks(t))
+
+
+async def _let_skipped_speech_end(close: BoundedClose) -> None:
+    """A graceful close lets what upstream's drain skipped (an ``on_enter`` an AgentTask
+    interrupted) finish, as it lets any speech: until the graceful bound, after which the
+    close is escalated and they are cancelled with the other leftovers."""
+    rest = [t for act in list(close.activities) for t in unsettled_tasks(act) if not _spared(close, t)]
+    if close.graceful and rest:
+        await close.wait_phase(asyncio.gather(*rest, return_exceptions=True), drain=True)
+
+
 async def _stop_leftover_tasks(session: Any, close: BoundedClose) -> None:
     """Cancel what still works for the session: nothing opened on the session's behalf may
-    outlive its close. Spared: the close's own tasks, known zombies, and the close's waiters
-    with whatever awaits them (a tool awaiting the close resumes after it)."""
-    mine = {close.task, close.upstream, asyncio.current_task()}
+    outlive its close (but what :func:`_spared` spares)."""
     owned = objects_of(session, list(close.activities), list(close.io_objects))
-
-    def spared(t: asyncio.Task[Any]) -> bool:
-        if t in mine or t in close.zombies or t in close.waiters:
-            return True
-        return any(w in close.waiters for w in awaited_tasks(t))
-
-    leftover = [t for t in asyncio.all_tasks() if not t.done() and not spared(t) and works_for(t, owned)]
+    leftover = [
+        t for t in asyncio.all_tasks() if not t.done() and not _spared(close, t) and works_for(t, owned)
+    ]
     await close.settle("leftover_tasks.cancel", leftover)
 
 
