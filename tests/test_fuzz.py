@@ -104,15 +104,7 @@ def test_catalogue_entry_is_ready_to_paste() -> None:
 
 #: findings of the fuzzer not fixed yet (see the fuzz notes): a failure made only of these
 #: does not fail the CI run, anything else does. Each is a substring of a violation.
-KNOWN_OPEN = (
-    # a reply or say() accepted while a close drains is never scheduled; its speech task
-    # stays parked waiting for authorization after the close
-    "in _wait_for_authorization",
-    "in _wait_for_scheduled",
-    # the turn detector's tasks outlive a close whose teardown bound was used up
-    "channel.py:106 in recv",
-    "AgentSession._update_user_state",
-)
+KNOWN_OPEN: tuple[str, ...] = ()
 
 
 def _open_only(violations: list[str]) -> bool:
