@@ -73,6 +73,8 @@ def force(close: BoundedClose, activity: Any) -> None:
 
 def quarantine(close: BoundedClose, activity: Any) -> None:
     """Take the activity's zombies out of upstream's bookkeeping (see the module doc)."""
+    if not close.cancelled_tasks and not close.zombies:
+        return  # nothing was cancelled, so nothing can have swallowed it: every healthy close
     from livekit.agents.voice.agent import _get_activity_task_info
 
     stuck = [t for t in unsettled_tasks(activity) if t in close.cancelled_tasks]

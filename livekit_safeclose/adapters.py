@@ -76,7 +76,7 @@ def forget_tool_tasks(activity: Any, tasks: set[Any] | Any) -> None:
     """Take ``tasks`` out of the tool executor's registry, so upstream's ``aclose`` neither
     waits for nor cancels them (their own end removes the entry anyway). ``tagged_tasks``
     releases keep no registry: nothing to take out."""
-    if compat.shape("tool_registry") != "executor":
+    if not tasks or compat.shape("tool_registry") != "executor":
         return
     executor = activity._tool_executor
     for call_id, running in list(executor._running_tasks.items()):

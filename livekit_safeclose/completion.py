@@ -30,8 +30,10 @@ from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
 
-#: ``"module:function"`` entries, each ``async def finish(session, close)``: one per feature
-#: whose resources upstream does not tie to the session (run in order, each bounded)
+#: ``"module:function"`` entries, each ``def finish(session, close) -> Awaitable | None``: one
+#: per feature whose resources upstream does not tie to the session (run in order, each
+#: bounded). ``None`` says "nothing of mine here", decided without touching the loop: a
+#: healthy close pays no timeout, no record and no loop round trip for a feature it never used
 FINISHERS: tuple[str, ...] = (
     "livekit_safeclose.realtime:finish",
     "livekit_safeclose.fallback:finish",
@@ -40,10 +42,12 @@ FINISHERS: tuple[str, ...] = (
 )
 
 
-_resolved: list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None]]]] = []
+Finisher = Callable[[Any, BoundedClose], Awaitable[None] | None]
+
+_resolved: list[tuple[str, Finisher]] = []
 
 
-def _finishers() -> list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None]]]]:
+def _finishers() -> list[tuple[str, Finisher]]:
     """``(step name, function)`` of each :data:`FINISHERS` entry, resolved once."""
     if len(_resolved) != len(FINISHERS):
         from .patching import resolve
@@ -53,18 +57,20 @@ def _finishers() -> list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None
 
 
 async def _run_finishers(session: Any, close: BoundedClose) -> None:
-    """Each finisher awaited in place under a timeout at the grace: one with nothing to do
-    returns without yielding to the loop (no task, no timer round trip, which is most of
-    what a healthy close's finishers cost); one that hits the bound is cancelled there."""
+    """Each finisher with work awaited in place under a timeout at the grace; one that hits
+    the bound is cancelled there."""
     timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+
     for name, fn in _finishers():
+        work = fn(session, close)
+        if work is None:
+            continue
         if timeout is None:
-            await close.step(name, fn(session, close), deadline=close.grace())
+            await close.step(name, work, deadline=close.grace())
             continue
         start = time.monotonic()
         try:
             async with timeout(close.left(close.grace())):
-                await fn(session, close)
+                await work
         except TimeoutError:
             close.record(name, start, "timeout")
         except Exception as exc:
