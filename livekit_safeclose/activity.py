@@ -34,7 +34,7 @@ from typing import Any
 from . import toolsets
 from .adapters import close_recognition, forget_tool_tasks, handoff_parts, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
-from .ownership import note_handed_over, outputs_of
+from .ownership import note_handed_over, outputs_of, sinks_held_by
 from .report import StepOutcome
 from .stacks import frames
 
@@ -68,6 +68,7 @@ def force(close: BoundedClose, activity: Any) -> None:
         info = _get_activity_task_info(task)
         if info is not None and info.speech_handle is not None:
             close.io_objects.add(info.speech_handle)
+            close.io_objects.update(sinks_held_by(task))
 
 
 def quarantine(close: BoundedClose, activity: Any) -> None:
@@ -83,6 +84,10 @@ def quarantine(close: BoundedClose, activity: Any) -> None:
         info = _get_activity_task_info(task)
         handle = info.speech_handle if info is not None else None
         if handle is not None and not handle.done():
+            # interrupted first, as upstream's timeout finds it: a tool reply the zombie's
+            # speech still creates on this handle then ends at once instead of waiting for
+            # an authorization that never comes (interrupt() ignores a done handle)
+            handle.interrupt(force=True)
             handle._mark_done()
 
 
@@ -233,8 +238,11 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     """A forced close of ``activity``: every tool cancelled, then upstream's ``aclose``
     watched; the session's streams stopped from outside when a model close hangs, and what
     an abandoned ``aclose`` never reached completed."""
-    # the toolsets' own executors too: an MCP toolset drains its calls before closing its server
-    await close.settle("tools.cancel", tool_tasks(activity) + toolsets.tool_tasks(activity))
+    # the toolsets' own executors too: an MCP toolset drains its calls before closing its
+    # server. A share of what is left, not a whole grace: a zombie tool the drain forced
+    # must not eat the time the activity's own close needs
+    tools = tool_tasks(activity) + toolsets.tool_tasks(activity)
+    await close.settle("tools.cancel", tools, deadline=close.drain_grace())
     quarantine(close, activity)
     toolsets.forget(activity, close.zombies)
     spare_waiters(close, activity)

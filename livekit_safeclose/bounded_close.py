@@ -284,14 +284,17 @@ class BoundedClose(CloseBookkeeping):
         return True
 
     # -- bounded bookkeeping -------------------------------------------------------------
-    async def settle(self, name: str, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-        """Cancel ``tasks`` and give them the unwind grace; returns the zombies among them."""
+    async def settle(
+        self, name: str, tasks: list[asyncio.Task[Any]], deadline: float | None = None
+    ) -> list[asyncio.Task[Any]]:
+        """Cancel ``tasks`` and give them the unwind grace (or until ``deadline``); returns
+        the zombies among them."""
         live = [t for t in tasks if not t.done() and t not in self.zombies and t not in self.waiters]
         if not live:
             return []
         start = time.monotonic()
         self.cancel(live)
-        await asyncio.wait(live, timeout=self.left(self.grace()))
+        await asyncio.wait(live, timeout=self.left(self.grace() if deadline is None else deadline))
         stuck = self.mark_zombies([t for t in live if not t.done()])
         self.record(name, start, "timeout" if stuck else "done", f"{len(stuck)} did not end" if stuck else "")
         return stuck

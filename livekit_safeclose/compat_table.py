@@ -52,6 +52,7 @@ CORE: tuple[R, ...] = (
     # what a handoff's drain hands to the next activity (1.7.0+; adapters.handoff_parts)
     *(R("core", REUSABLE, name, "field", optional=True)
       for name in ("stt_pipeline", "rt_session", "turn_detector_stream")),
+    R("core", RECOGNITION, "_turn_detector_stream", "init_attr", optional=True),
     R("core", "livekit.agents.voice.agent:Agent", "_activity", "init_attr"),
     R("core", "livekit.agents.voice.agent:AgentTask", "_old_agent", "init_attr"),
     R("core", "livekit.agents.voice.agent", "_get_activity_task_info", "attr"),

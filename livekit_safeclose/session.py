@@ -21,7 +21,6 @@ import collections
 import functools
 import inspect
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -248,19 +247,12 @@ def _disarm_after(session: Any, me: asyncio.Task[Any]) -> None:
     closes many sessions must not keep them alive."""
     from livekit.agents.voice.agent import _get_activity_task_info
 
+    from .completion import disarm_when_done
+
     info = _get_activity_task_info(me)
     handle = info.speech_handle if info is not None else None
-    if handle is None:
-        return
-    ref = weakref.ref(session)
-
-    def _disarm(_: asyncio.Task[Any]) -> None:
-        s = ref()
-        if s is not None and not s._started:
-            s._cancel_user_away_timer()
-
-    for t in [me, *handle._tasks]:
-        t.add_done_callback(_disarm)
+    if handle is not None:
+        disarm_when_done(session, [me, *handle._tasks])
 
 
 async def _closing_main(

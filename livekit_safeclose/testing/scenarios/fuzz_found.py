@@ -185,6 +185,46 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "kept the provider connection and the pump open). Streams are now matched when "
         "the close begins (fuzz seed 7 #642).",
     ),
+    FuzzFound(
+        "fuzz-graceful-zombie-tool-reply",
+        "graceful close escalated on a tool swallowing CancelledError",
+        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "tool:swallow"), Step("close", "graceful"))),
+        description="Quarantine marked the zombie's speech handle done without interrupting it "
+        "(upstream never leaves a handle done but not interrupted): the tool reply upstream "
+        "still created on that handle waited for an authorization that never came, and its "
+        "_wait_for_authorization helper with it. The forced activity close then gave the "
+        "already forced zombie tool a whole unwind grace, the rest of the teardown bound: "
+        "the activity's close was abandoned and the turn detector's tasks were left.",
+    ),
+    FuzzFound(
+        "fuzz-tool-shutdown-zombie-timer",
+        "tool swallowing CancelledError, then a tool calls shutdown() (graceful)",
+        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "tool:swallow"), Step("user", "tool:shutdown"),
+                               Step("wait", 50))),
+        description="The zombie tool's speech ends only after the close, when the leftover "
+        "cancel reaches the tool's wrapper; its done callback sets the agent state listening "
+        "and re-arms upstream's user-away timer on the closed session (it fires 15 s later).",
+    ),
+    FuzzFound(
+        "fuzz-hangup-replaced-dead-sink",
+        "a reply into a dead sink, the caller hangs up (the sink replaced), teardown",
+        Schedule(FuzzSetup(dead_sink=True), (Step("wait", 0), Step("user", "text"), Step("wait", 0),
+                                             Step("hangup"), Step("wait", 50))),
+        description="The reply's AudioOutput.wait_for_playout task waits on the sink it "
+        "started on, which the hangup replaced before the close began: no output of the "
+        "session any more, so the layer did not count the task as working for the session "
+        "and it outlived the close.",
+    ),
+    FuzzFound(
+        "fuzz-stuck-task-stt-close-hang-tight-bound",
+        "a tool stuck in an AgentTask's on_enter, STT close hangs, close_timeout=0.6",
+        Schedule(FuzzSetup(close_timeout=0.6, stt_close="hang"), (Step("wait", 0), Step("user", "tool:stuck_task"),
+                                                                  Step("wait", 50))),
+        description="The hung STT stream's sweep used up the teardown bound, so the audio "
+        "recognition's close was abandoned before it closed the turn detector's stream; the "
+        "layer did not count that stream as working for the session, and its two tasks "
+        "outlived the close.",
+    ),
 )  # fmt: skip
 
 
