@@ -68,6 +68,7 @@ class _Close:
         self.activities: list[Any] = []
         self.owned: list[Any] = []  # objects whose tasks work for the session
         self.held_lock: set[int] = set()  # activities whose lock an abandoned drain keeps
+        self.closing: set[int] = set()  # activities whose aclose began and did not finish
         self.was_started = False
         self.close_emitted = False
         self.ended = False
@@ -135,7 +136,7 @@ def _closing_of(session: Any) -> _Close | None:
 
 def _activities(session: Any, close: _Close) -> list[Any]:
     """The activities the close saw, the current one and the parents an ``AgentTask``
-    returns to, and a next activity a handoff is starting."""
+    returns to, and a next activity a handoff is starting (all noted by the close)."""
     from livekit.agents.voice.agent import AgentTask
 
     out = list(close.activities)
@@ -147,6 +148,8 @@ def _activities(session: Any, close: _Close) -> list[Any]:
     nxt = getattr(session, "_next_activity", None)
     if nxt is not None and nxt not in out:
         out.append(nxt)
+    for act in out:
+        close.note(act)  # one a cancelled handoff forgets is still closed at the end
     return out
 
 
@@ -308,6 +311,7 @@ async def close_activity(activity: Any, unbounded: Unbounded) -> None:
         await unbounded()  # a handoff during a graceful close
         return
     close.note(activity)
+    close.closing.add(id(activity))
     if close.forced_at is not None:
         await _settle(close, _tool_tasks(activity))
         _quarantine(close, activity)
@@ -329,6 +333,7 @@ async def close_activity(activity: Any, unbounded: Unbounded) -> None:
         raise
     if inner.cancelled() or inner.exception() is not None or not activity._closed:
         await _complete_activity(close, activity)
+    close.closing.discard(id(activity))
 
 
 async def _complete_activity(close: _Close, activity: Any) -> None:
@@ -479,6 +484,8 @@ async def _finish(session: Any, close: _Close, *, reason: Any, error: Any) -> No
             if not act._closed:
                 close.escalate()
                 await close_activity(act, act._aclose_unbounded)
+            elif id(act) in close.closing:  # its aclose was cut midway
+                await _complete_activity(close, act)
         if session._activity is not None and session._activity._closed:
             session._activity = None
         if close.was_started and not close.close_emitted:
