@@ -52,6 +52,10 @@ TARGETS: tuple[Target, ...] = (
            "bounded by the drain deadline, then its tasks are force-cancelled lock-free"),
     Target("voice/agent_activity.py", "AgentActivity", "aclose", "close_activity", (),
            "tools cancelled first, bounded, hung model streams stopped"),
+    Target("voice/agent_session.py", "AgentSession", "_set_user_away_timer", "set_user_away_timer", (),
+           "a closed session arms no timer"),
+    Target("beta/tools/end_call.py", "EndCallTool", "_end_call", "end_call", ("ctx",),
+           "a goodbye that never plays out closes the session by force after GRACEFUL_TIMEOUT"),
 )  # fmt: skip
 
 #: attributes the helper reads, per class: a release without one is refused by name
@@ -115,6 +119,14 @@ def _signature_end(func: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str
     return end + 1
 
 
+def _import_line(file: str) -> str:
+    """The helper's import, relative from ``file`` (e.g. ``beta/tools/end_call.py``)."""
+    package = Path(file).parent.parts
+    if package == ("voice",):
+        return "from . import _bounded_close\n"
+    return f"from {'.' * (len(package) + 1)}voice import _bounded_close\n"
+
+
 def _rewrite(source: str, targets: list[Target]) -> str:
     """``source`` with each target wrapped: upstream's method renamed, the bounded one
     inserted before it, and the helper imported."""
@@ -141,7 +153,7 @@ def _rewrite(source: str, targets: list[Target]) -> str:
     imports = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     first_def = next(n.lineno for n in tree.body if isinstance(n, ast.ClassDef | ast.FunctionDef))
     last_import = max(n.end_lineno or n.lineno for n in imports if n.lineno < first_def)
-    edits.append((last_import, last_import, ["from . import _bounded_close\n"]))
+    edits.append((last_import, last_import, [_import_line(targets[0].file)]))
     for first, past, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
         lines[first:past] = new
     return "".join(lines)

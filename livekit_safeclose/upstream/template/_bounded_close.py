@@ -514,3 +514,31 @@ async def _stop_leftovers(session: Any, close: _Close) -> None:
     mine = {close.task, close.upstream, asyncio.current_task()} | close.zombies | close.waiters
     leftover = [t for t in asyncio.all_tasks() if t not in mine and not t.done() and _works_for(t, owned)]
     await _settle(close, leftover)
+
+
+def set_user_away_timer(session: Any, unbounded: Callable[[], None]) -> None:
+    """``AgentSession._set_user_away_timer``: a closed session arms no timer (a speech that
+    ends after a forced close would otherwise pin the session until it fires)."""
+    if not session._started and _STATE in session.__dict__:
+        session._cancel_user_away_timer()
+        return
+    unbounded()
+
+
+async def end_call(tool: Any, unbounded: Unbounded, ctx: Any) -> Any:
+    """``EndCallTool._end_call``: the tool shuts the session down once the goodbye played
+    out, which a caller who hung up never reports; after ``GRACEFUL_TIMEOUT`` the session
+    is closed by force."""
+    from livekit.agents.voice.events import CloseReason
+
+    result = await unbounded(ctx)
+    session, handle = ctx.session, ctx.speech_handle
+
+    def expire() -> None:
+        if session._started and not handle.done():
+            session._close_soon(reason=CloseReason.USER_INITIATED, drain=False)
+
+    timer = asyncio.get_running_loop().call_later(GRACEFUL_TIMEOUT, expire)
+    handle.add_done_callback(lambda _: timer.cancel())
+    session.once("close", lambda _: timer.cancel())
+    return result
