@@ -113,7 +113,9 @@ def _spawn(
     ]  # fmt: skip
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bound, env=env or os.environ.copy())
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=bound, env=env or os.environ.copy()
+        )
     except subprocess.TimeoutExpired:
         return {"scenario": scenario, "closed": False, "error": f"killed after {bound:.0f} s", "killed": True}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -170,7 +170,9 @@ class Patched:
         out: list[str] = []
         for rel, (old, new) in sorted(self.files.items()):
             a = "/dev/null" if not old else f"a/{rel}"
-            out += difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True), a, f"b/{rel}")
+            out += difflib.unified_diff(
+                old.splitlines(keepends=True), new.splitlines(keepends=True), a, f"b/{rel}"
+            )
         return "".join(out)
 
     def stat(self) -> list[tuple[str, int, int]]:

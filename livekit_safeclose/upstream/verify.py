@@ -55,7 +55,9 @@ def run_child(args: argparse.Namespace) -> int:
 
     root = os.environ.get("LIVEKIT_SAFECLOSE_UPSTREAM_COPY", "")
     if not root or not str(livekit.agents.__file__).startswith(root):
-        print(f"livekit.agents resolved to {livekit.agents.__file__}, not the copy in {root}", file=sys.stderr)
+        print(
+            f"livekit.agents resolved to {livekit.agents.__file__}, not the copy in {root}", file=sys.stderr
+        )
         return 3
     sc = SCENARIOS[args.scenario]
     bounds = (args.drain_timeout, args.close_timeout, GRACEFUL_TIMEOUT)
@@ -119,9 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stat_line(patched: Patched) -> str:
     rows = patched.stat()
-    return (
-        f"{len(rows)} files, +{sum(r[1] for r in rows)} -{sum(r[2] for r in rows)} lines: "
-        + ", ".join(f"{p.removeprefix(REPO_PREFIX)} +{a} -{r}" for p, a, r in rows)
+    return f"{len(rows)} files, +{sum(r[1] for r in rows)} -{sum(r[2] for r in rows)} lines: " + ", ".join(
+        f"{p.removeprefix(REPO_PREFIX)} +{a} -{r}" for p, a, r in rows
     )
 
 
@@ -145,7 +146,13 @@ def verify(args: argparse.Namespace) -> int:
             reason = sc.not_applicable() or LAYER_ONLY.get(sid)
             if reason is not None:
                 na = {"closed": False, "error": reason}
-                return {"scenario": sid, "path": sc.path, "vanilla": na, "layer": na, "verdict": f"n/a: {reason}"}
+                return {
+                    "scenario": sid,
+                    "path": sc.path,
+                    "vanilla": na,
+                    "layer": na,
+                    "verdict": f"n/a: {reason}",
+                }
             v = _spawn(sid, "vanilla", args)
             p = _spawn(sid, "layer", args, child="_run_upstream", env=env)
             return {"scenario": sid, "path": sc.path, "vanilla": v, "layer": p, "verdict": _verdict(sc, v, p)}

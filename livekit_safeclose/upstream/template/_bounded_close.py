@@ -166,11 +166,19 @@ def _frames(task: asyncio.Task[Any]) -> Iterator[FrameType]:
     """The frames of the task's await chain (not into the tasks it awaits)."""
     coro: Any = task.get_coro()
     while coro is not None:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        frame = (
+            getattr(coro, "cr_frame", None)
+            or getattr(coro, "gi_frame", None)
+            or getattr(coro, "ag_frame", None)
+        )
         if frame is None:
             return
         yield frame
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+        coro = (
+            getattr(coro, "cr_await", None)
+            or getattr(coro, "gi_yieldfrom", None)
+            or getattr(coro, "ag_await", None)
+        )
 
 
 def _works_for(task: asyncio.Task[Any], owned: set[int]) -> bool:
@@ -178,7 +186,9 @@ def _works_for(task: asyncio.Task[Any], owned: set[int]) -> bool:
 
 
 def _tool_tasks(activity: Any) -> list[asyncio.Task[Any]]:
-    return [rt.exe_task for rt in list(activity._tool_executor._running_tasks.values()) if not rt.exe_task.done()]
+    return [
+        rt.exe_task for rt in list(activity._tool_executor._running_tasks.values()) if not rt.exe_task.done()
+    ]
 
 
 def _forget_tools(activity: Any, tasks: set[asyncio.Task[Any]]) -> None:
@@ -379,7 +389,8 @@ async def close_session(session: Any, unbounded: Unbounded, *, reason: Any, drai
         session.__dict__[_STATE] = close
         close.owned += _outputs(session)
         close.task = asyncio.create_task(
-            _run(session, close, unbounded, reason=reason, drain=drain, error=error), name="AgentSession.close"
+            _run(session, close, unbounded, reason=reason, drain=drain, error=error),
+            name="AgentSession.close",
         )
     elif not drain:
         close.escalate()
@@ -414,7 +425,9 @@ def _exempt(session: Any, close: _Close, me: asyncio.Task[Any] | None) -> None:
         handle._mark_done()
 
 
-async def _run(session: Any, close: _Close, unbounded: Unbounded, *, reason: Any, drain: bool, error: Any) -> None:
+async def _run(
+    session: Any, close: _Close, unbounded: Unbounded, *, reason: Any, drain: bool, error: Any
+) -> None:
     """The closing task: the close, watched, then completed whatever it reached."""
 
     def on_close(_: Any) -> None:
@@ -444,7 +457,9 @@ async def _wait_for_start(session: Any, close: _Close) -> None:
         return
     owned = {id(session)}
     starting = [t for t in asyncio.all_tasks() if t is not close.task and _works_for(t, owned)]
-    close.cancel([t for t in starting if any(f.f_code.co_name.startswith("_update_activity") for f in _frames(t))])
+    close.cancel(
+        [t for t in starting if any(f.f_code.co_name.startswith("_update_activity") for f in _frames(t))]
+    )
     for act in _activities(session, close):
         _force(close, act)
     if await close.wait_for(acquire, _grace()):

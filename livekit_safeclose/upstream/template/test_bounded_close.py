@@ -10,13 +10,13 @@ stream open. Without ``voice/_bounded_close.py`` each of them hangs.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-
 from livekit import rtc
 from livekit.agents import (
     DEFAULT_API_CONNECT_OPTIONS,
@@ -34,7 +34,7 @@ from livekit.agents.voice import io
 from livekit.agents.voice.events import CloseEvent, CloseReason
 
 try:
-    from livekit.agents.voice import _bounded_close
+    _bounded_close: Any = importlib.import_module("livekit.agents.voice._bounded_close")
 except ImportError:  # without the fix: every test below fails on its bound
     _bounded_close = None
 
@@ -76,7 +76,7 @@ class Provider:
                     continue
 
 
-class FakeSTT(stt.STT):
+class FakeSTT(stt.STT):  # type: ignore[type-arg]
     def __init__(self, provider: Provider, *, close_fault: str = "none") -> None:
         super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
         self.fake_provider, self.close_fault = provider, close_fault
@@ -112,7 +112,7 @@ class FakeLLMResponse:
     stall: bool = False
 
 
-class FakeLLM(llm.LLM):
+class FakeLLM(llm.LLM):  # type: ignore[type-arg]
     def __init__(self, provider: Provider, responses: list[FakeLLMResponse], *, close_fault: str = "none"):
         super().__init__()
         self.fake_provider, self.responses, self.close_fault = provider, responses, close_fault
@@ -144,15 +144,19 @@ class FakeLLMStream(llm.LLMStream):
             self._fake.fake_provider.open -= 1
 
 
-class FakeTTS(tts.TTS):
+class FakeTTS(tts.TTS):  # type: ignore[type-arg]
     def __init__(self, provider: Provider, *, stall: bool = False, close_fault: str = "none") -> None:
-        super().__init__(capabilities=tts.TTSCapabilities(streaming=True), sample_rate=SAMPLE_RATE, num_channels=1)
+        super().__init__(
+            capabilities=tts.TTSCapabilities(streaming=True), sample_rate=SAMPLE_RATE, num_channels=1
+        )
         self.fake_provider, self.stall, self.close_fault = provider, stall, close_fault
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> Any:
         return self._synthesize_with_stream(text, conn_options=conn_options)
 
-    def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> FakeSynthesizeStream:
+    def stream(
+        self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+    ) -> FakeSynthesizeStream:
         return FakeSynthesizeStream(tts=self, conn_options=conn_options)
 
 
@@ -249,7 +253,7 @@ class MyAgent(Agent):
             await self._park(self.exit)
 
     @function_tool
-    async def lookup(self, context: RunContext) -> str:
+    async def lookup(self, context: RunContext[Any]) -> str:
         """Look something up."""
         if self.tool == "aclose":
             self.engaged.set()
@@ -261,7 +265,7 @@ class MyAgent(Agent):
 
 @dataclass
 class Run:
-    session: AgentSession
+    session: AgentSession[Any]
     agent: MyAgent
     provider: Provider
     closes: list[CloseEvent]
@@ -272,7 +276,7 @@ async def _start(agent: MyAgent, *, stt_fault: str = "none", tts_stall: bool = F
     provider = Provider()
     script = [FakeLLMResponse(stall=True)] if llm_stall else []
     script += [FakeLLMResponse(tool_calls=["lookup"])] if tool_call else []
-    session: AgentSession = AgentSession(
+    session: AgentSession[Any] = AgentSession(
         stt=FakeSTT(provider, close_fault=stt_fault),
         llm=FakeLLM(provider, script, close_fault="hang" if llm_stall else "none"),
         tts=FakeTTS(provider, stall=tts_stall, close_fault="hang" if tts_stall else "none"),
