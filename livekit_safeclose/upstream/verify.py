@@ -128,9 +128,15 @@ def _stat_line(patched: Patched) -> str:
 
 def verify(args: argparse.Namespace) -> int:
     from .. import compat
-    from ..cli import _cell, _scenario_ids, _spawn, _table, _verdict
+    from ..cli import _cell, _missing_dependencies, _scenario_ids, _spawn, _table, _verdict
     from ..testing.scenarios import SCENARIOS
 
+    missing = _missing_dependencies(False)
+    if missing is not None:
+        print(
+            missing.replace("livekit-safeclose check", "livekit-safeclose upstream verify"), file=sys.stderr
+        )
+        return 2
     patched = generate(with_tests=True)
     ids, _ = _scenario_ids(args.only)
     t0 = time.monotonic()
@@ -184,14 +190,20 @@ def _run_tests(patched: Patched, root: Path) -> dict[str, Any]:
     """The upstream-style tests of the diff, run by pytest against the patched copy."""
     import subprocess
 
+    from ..cli import _installed
     from .generate import TESTS
 
+    missing = [m for m in ("pytest", "pytest_asyncio") if not _installed(m)]
+    if missing:
+        return {"ok": False, "summary": f"not run: {', '.join(missing)} missing (or pass --no-tests)"}
     test_file = root / "tests" / Path(TESTS).name
     test_file.parent.mkdir(exist_ok=True)
     test_file.write_text(patched.files[TESTS][1])
     env = {**os.environ, "PYTHONPATH": str(root), "LIVEKIT_SAFECLOSE_UPSTREAM_COPY": str(root)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:livekit_safeclose",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:safeclose",
            str(test_file), "--rootdir", str(test_file.parent)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=test_file.parent)
+    if _installed("pytest_timeout"):
+        cmd += ["--timeout", "60"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=test_file.parent)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
     return {"ok": proc.returncode == 0, "summary": summary, "output": proc.stdout[-4000:]}
