@@ -29,7 +29,8 @@ task is never reset).
 _SAME = """\
 ## What stays the same
 
-* A healthy close runs exactly the code it ran before: the bounds only act when they pass.
+* A healthy close runs upstream's own close code, unchanged, inside the shared closing
+  task: the bounds only act when they pass.
 * `shutdown(drain=True)` still drains gracefully: it waits for the goodbye and for slow
   tools; only after `GRACEFUL_TIMEOUT` (30 s) is it forced.
 * The final-transcript wait (`session_close_transcript_timeout`) is kept: the models are
