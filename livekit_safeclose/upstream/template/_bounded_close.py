@@ -332,10 +332,13 @@ async def close_activity(activity: Any, unbounded: Unbounded) -> None:
     inner = asyncio.ensure_future(unbounded())
     try:
         sweep_at = start + close.transcript_timeout + MODEL_CLOSE_ALLOWANCE
-        last = close.close_deadline(reserve=3 * _grace())
-        if not await close.wait(inner, lambda: min(sweep_at, last) if close.forced_at else math.inf):
-            await _sweep_streams(session, close, min(time.monotonic() + _grace(), last))
-            if not await close.wait(inner, lambda: max(last, time.monotonic())):
+
+        def last() -> float:  # read again: a graceful close gets its bound when it escalates
+            return close.close_deadline(reserve=3 * _grace())
+
+        if not await close.wait(inner, lambda: min(sweep_at, last()) if close.forced_at else math.inf):
+            await _sweep_streams(session, close, min(time.monotonic() + _grace(), last()))
+            if not await close.wait(inner, lambda: max(last(), time.monotonic())):
                 inner.cancel()
                 await asyncio.wait({inner}, timeout=_grace())
     except asyncio.CancelledError:
