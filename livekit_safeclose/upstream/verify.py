@@ -44,7 +44,7 @@ def patched_copy(patched: Patched, where: Path) -> Path:
 
 def _not_run(sc: Any) -> dict[str, Any]:
     """The vanilla cell of ``--no-vanilla``: what the catalogue says vanilla does."""
-    return {"closed": not sc.vanilla_hangs, "error": "not run (catalogue: hangs)" if sc.vanilla_hangs else ""}
+    return {"closed": False, "error": f"not run (catalogue: {'hangs' if sc.vanilla_hangs else 'closes'})"}
 
 
 def run_child(args: argparse.Namespace) -> int:
