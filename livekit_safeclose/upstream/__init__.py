@@ -2,8 +2,9 @@
 the installed livekit-agents (generated at run time, never stored), and its proof.
 
 :mod:`.generate` writes the diff (upstream's methods found with ``ast``, wrapped in place;
-the helper module from :mod:`.template`), :mod:`.apply` applies it, :mod:`.verify` runs
-the catalogue on a patched copy, :mod:`.describe` writes the PR description.
+the helper module from :mod:`.template`, the tests from ``testing/upstream``), :mod:`.apply`
+applies it, :mod:`.verify` runs the catalogue on a patched copy, :mod:`.describe` writes
+the PR description.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ HELPER = "voice/_bounded_close.py"
 #: the upstream-style regression tests, where upstream keeps its tests
 TESTS = "tests/test_bounded_close.py"
 TEMPLATE_DIR = Path(__file__).parent / "template"
+TESTS_TEMPLATE = Path(__file__).parent.parent / "testing" / "upstream" / "test_bounded_close.py"
 
 
 class UnsupportedRelease(Exception):
@@ -211,5 +212,5 @@ def generate(root: Path | None = None, *, with_tests: bool = False) -> Patched:
         raise UnsupportedRelease(f"{HELPER} exists already")
     files[REPO_PREFIX + HELPER] = ("", (TEMPLATE_DIR / "_bounded_close.py").read_text())
     if with_tests:
-        files[TESTS] = ("", (TEMPLATE_DIR / "test_bounded_close.py").read_text())
+        files[TESTS] = ("", TESTS_TEMPLATE.read_text())
     return Patched(files)
