@@ -32,9 +32,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import toolsets
-from .adapters import close_recognition, forget_tool_tasks, tool_tasks
+from .adapters import close_recognition, forget_tool_tasks, handoff_parts, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
-from .ownership import outputs_of
+from .ownership import note_handed_over, outputs_of
 from .report import StepOutcome
 from .stacks import frames
 
@@ -72,6 +72,8 @@ def force(close: BoundedClose, activity: Any) -> None:
 
 def quarantine(close: BoundedClose, activity: Any) -> None:
     """Take the activity's zombies out of upstream's bookkeeping (see the module doc)."""
+    if not close.cancelled_tasks and not close.zombies:
+        return  # nothing was cancelled, so nothing can have swallowed it: every healthy close
     from livekit.agents.voice.agent import _get_activity_task_info
 
     stuck = [t for t in unsettled_tasks(activity) if t in close.cancelled_tasks]
@@ -118,10 +120,13 @@ def wrap_drain(original: Method, _options: Any) -> Method:
     async def drain(self: Any, *args: Any, **kwargs: Any) -> Any:
         close = closing_of(self._session)
         if close is None:
-            return await original(self, *args, **kwargs)
+            resources = await original(self, *args, **kwargs)
+            note_handed_over(self._session, handoff_parts(resources))
+            return resources
         close.touch(self)
         start = time.monotonic()
         inner = asyncio.ensure_future(original(self, *args, **kwargs))
+        inner.add_done_callback(lambda f: _note_handoff(self._session, f))
         # upstream detaches the outputs right after the drain: a sink set during the close
         # (the caller hung up) is seen only now, and a playout wait on it works for the session
         inner.add_done_callback(lambda _: close.io_objects.update(outputs_of(self._session)))
@@ -153,6 +158,11 @@ def wrap_drain(original: Method, _options: Any) -> Method:
         return inner.result() if outcome == "done" else None
 
     return drain
+
+
+def _note_handoff(session: Any, fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        note_handed_over(session, handoff_parts(fut.result()))
 
 
 def wrap_aclose(original: Method, _options: Any) -> Method:

@@ -28,8 +28,10 @@ from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
 
-#: ``"module:function"`` entries, each ``async def finish(session, close)``: one per feature
-#: whose resources upstream does not tie to the session (run in order, each bounded)
+#: ``"module:function"`` entries, each ``def finish(session, close) -> Awaitable | None``: one
+#: per feature whose resources upstream does not tie to the session (run in order, each
+#: bounded). ``None`` says "nothing of mine here", decided without touching the loop: a
+#: healthy close pays no timeout, no record and no loop round trip for a feature it never used
 FINISHERS: tuple[str, ...] = (
     "livekit_safeclose.realtime:finish",
     "livekit_safeclose.fallback:finish",
@@ -38,10 +40,12 @@ FINISHERS: tuple[str, ...] = (
 )
 
 
-_resolved: list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None]]]] = []
+Finisher = Callable[[Any, BoundedClose], Awaitable[None] | None]
+
+_resolved: list[tuple[str, Finisher]] = []
 
 
-def _finishers() -> list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None]]]]:
+def _finishers() -> list[tuple[str, Finisher]]:
     """``(step name, function)`` of each :data:`FINISHERS` entry, resolved once."""
     if len(_resolved) != len(FINISHERS):
         from .patching import resolve
@@ -51,18 +55,20 @@ def _finishers() -> list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None
 
 
 async def _run_finishers(session: Any, close: BoundedClose) -> None:
-    """Each finisher awaited in place under a timeout at the grace: one with nothing to do
-    returns without yielding to the loop (no task, no timer round trip, which is most of
-    what a healthy close's finishers cost); one that hits the bound is cancelled there."""
+    """Each finisher with work awaited in place under a timeout at the grace; one that hits
+    the bound is cancelled there."""
     timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+
     for name, fn in _finishers():
+        work = fn(session, close)
+        if work is None:
+            continue
         if timeout is None:
-            await close.step(name, fn(session, close), deadline=close.grace())
+            await close.step(name, work, deadline=close.grace())
             continue
         start = time.monotonic()
         try:
             async with timeout(close.left(close.grace())):
-                await fn(session, close)
+                await work
         except TimeoutError:
             close.record(name, start, "timeout")
         except Exception as exc:
@@ -83,7 +89,8 @@ async def finish(
         # a stream is matched to its session through its creator's await chain: before the
         # leftovers (the creators among them) are cancelled, or the sweep cannot find it
         streams_mod.streams_of(session)
-        if not (completed and _clean(close)):
+        lingering = await _let_speech_finish(close)
+        if lingering or not (completed and _clean(close)):
             await _stop_leftover_tasks(session, close)
         await _run_finishers(session, close)
         if close.options.close_models:
@@ -127,6 +134,35 @@ def _emit_close(session: Any, close: BoundedClose, *, reason: Any, error: Any) -
     session._started = False
     close.record("close_event", time.monotonic(), "done", "emitted by the layer")
     session.emit("close", CloseEvent(error=error, reason=reason))
+
+
+async def _let_speech_finish(close: BoundedClose) -> bool:
+    """Upstream's drain skips the hooks marked drain-blocked, and nothing cancels them
+    after: an ``on_enter`` still running when an ``AgentTask`` awaited from it found
+    the session closing outlives the close. A graceful close lets them finish within the
+    teardown bound. True when some still run (the leftover cancel then stops them)."""
+    from livekit.agents.voice.agent import _get_activity_task_info
+
+    def lingering() -> list[asyncio.Task[Any]]:
+        # the hooks only (no speech handle): a reply may wait on a tool awaiting the close
+        hooks = [t for act in list(close.activities) for t in list(act._speech_tasks) if not t.done()]
+        return [
+            t
+            for t in hooks
+            if t not in close.waiters
+            and t not in close.zombies
+            and getattr(_get_activity_task_info(t), "speech_handle", None) is None
+        ]
+
+    left = lingering()
+    if left and close.graceful:
+        start = time.monotonic()
+        await asyncio.wait(left, timeout=close.left(close.steps_deadline()))
+        left = lingering()
+        if left:
+            close.escalate("close_timeout")  # cut at its bound: a forced close now
+        close.record("drain_blocked.finish", start, "timeout" if left else "done")
+    return bool(left)
 
 
 def _clean(close: BoundedClose) -> bool:

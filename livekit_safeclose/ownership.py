@@ -17,6 +17,17 @@ from typing import Any
 _started_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+#: per session, the parts a handoff carries from the old activity to the next (the STT
+#: pipeline, the realtime session): while the handoff holds them they are in no activity,
+#: and a close during the handoff makes it close them itself, outside the close's view
+_handed_over: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def note_handed_over(session: Any, parts: Iterable[Any]) -> None:
+    for part in parts:
+        _handed_over.setdefault(session, weakref.WeakSet()).add(part)
+
+
 def note_started(session: Any) -> None:
     _started_sessions.add(session)
 
@@ -66,7 +77,7 @@ def objects_of(session: Any, activities: Iterable[Any] = (), extra: Iterable[Any
     """Ids of the session, its activities (``activities`` plus the live ones), the parts of
     each activity that run tasks of their own, and ``extra`` objects."""
     acts = list(activities) + [a for a in activities_of(session) if a not in activities]
-    objs: list[Any] = [session, *extra, *outputs_of(session)]
+    objs: list[Any] = [session, *extra, *outputs_of(session), *_handed_over.get(session, ())]
     for act in acts:
         recognition = getattr(act, "_audio_recognition", None)
         objs += [

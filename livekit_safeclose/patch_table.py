@@ -26,6 +26,9 @@ PATCHES: tuple[Patch, ...] = (
           "phase by phase; callers await it shielded"),
     Patch(CORE, SESSION, "_close_soon", "livekit_safeclose.session:wrap_close_soon",
           "a finished closing task is reset; a forced request escalates a graceful close"),
+    Patch(CORE, SESSION, "_on_error", "livekit_safeclose.session:wrap_on_error",
+          "during a graceful close (upstream ignores errors then): an error that would have "
+          "closed the session escalates it", if_present=True),
     Patch(CORE, SESSION, "start", "livekit_safeclose.session:wrap_start",
           "the session is noted (weakly) as started: whom a shared model belongs to"),
     Patch(CORE, ACTIVITY, "drain", "livekit_safeclose.activity:wrap_drain",
