@@ -268,10 +268,15 @@ async def _sweep_streams(session: Any, close: _Close, deadline: float) -> None:
     """Stop the streams still open: a stream whose close waits for a provider goodbye ends
     on a second cancellation."""
     tasks = _stream_tasks(session, close)
+    if not tasks:
+        return
     for t in tasks:
         t.cancel()
-    if tasks:
-        await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+    await asyncio.sleep(0)  # the first cancellation may only have started the goodbye wait
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+    await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
 
 
 # -- AgentActivity ------------------------------------------------------------------------
@@ -509,8 +514,7 @@ async def _finish(session: Any, close: _Close, *, reason: Any, error: Any) -> No
         if close.was_started and not close.close_emitted:
             session._started = False
             session.emit("close", CloseEvent(error=error, reason=reason))
-        if not clean:
-            await _stop_leftovers(session, close)
+        if await _stop_leftovers(session, close) or not clean:
             await _sweep_streams(session, close, time.monotonic() + _grace())
     finally:
         session._closing_task = None
@@ -520,9 +524,10 @@ async def _finish(session: Any, close: _Close, *, reason: Any, error: Any) -> No
         close.escalate()  # the graceful timer goes
 
 
-async def _stop_leftovers(session: Any, close: _Close) -> None:
-    """Cancel what still works for the session; spared: the close itself, the known zombies
-    and the close's waiters."""
+async def _stop_leftovers(session: Any, close: _Close) -> bool:
+    """Cancel what still works for the session (a graceful close first lets it finish
+    within its bound); spared: the close itself, the known zombies and the close's waiters.
+    True when anything was left."""
     objs: list[Any] = [session, *close.owned, *_outputs(session)]
     for act in _activities(session, close):
         recognition = act._audio_recognition
@@ -531,7 +536,10 @@ async def _stop_leftovers(session: Any, close: _Close) -> None:
     owned = {id(o) for o in objs if o is not None}
     mine = {close.task, close.upstream, asyncio.current_task()} | close.zombies | close.waiters
     leftover = [t for t in asyncio.all_tasks() if t not in mine and not t.done() and _works_for(t, owned)]
+    if leftover and close.forced_at is None:  # a drain-blocked hook, say
+        await asyncio.wait(leftover, timeout=max(0.0, close.t0 + GRACEFUL_TIMEOUT - time.monotonic()))
     await _settle(close, leftover)
+    return bool(leftover)
 
 
 def set_user_away_timer(session: Any, unbounded: Callable[[], None]) -> None:
