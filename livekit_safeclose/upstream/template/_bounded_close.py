@@ -216,7 +216,16 @@ def _force(close: _Close, activity: Any) -> None:
         info = _get_activity_task_info(task)
         if info is not None and info.speech_handle is not None:
             close.owned.append(info.speech_handle)  # its playout helpers work for the session
+            close.owned += _sinks_of(task)
     close.cancel(tasks)
+
+
+def _sinks_of(task: asyncio.Task[Any]) -> list[Any]:
+    """The audio outputs a speech task plays into: one the caller's hang-up replaced is no
+    output of the session any more, yet a playout wait on it was started by this speech."""
+    from livekit.agents.voice import io
+
+    return [v for f in _frames(task) for v in list(f.f_locals.values()) if isinstance(v, io.AudioOutput)]
 
 
 def _quarantine(close: _Close, activity: Any) -> None:
@@ -230,14 +239,17 @@ def _quarantine(close: _Close, activity: Any) -> None:
     for task in stuck:
         info = _get_activity_task_info(task)
         if info is not None and info.speech_handle is not None and not info.speech_handle.done():
+            # interrupted first, as the interruption timeout finds a handle: a tool reply the
+            # zombie's speech still creates on it ends at once, not waiting for authorization
+            info.speech_handle.interrupt(force=True)
             info.speech_handle._mark_done()
 
 
-async def _settle(close: _Close, tasks: list[asyncio.Task[Any]]) -> None:
+async def _settle(close: _Close, tasks: list[asyncio.Task[Any]], timeout: float | None = None) -> None:
     close.cancel(tasks)
     pending = [t for t in tasks if not t.done() and t not in close.waiters]
     if pending:
-        await asyncio.wait(pending, timeout=_grace())
+        await asyncio.wait(pending, timeout=_grace() if timeout is None else timeout)
         close.zombies.update(t for t in pending if not t.done())
 
 
@@ -328,7 +340,10 @@ async def close_activity(activity: Any, unbounded: Unbounded) -> None:
     close.note(activity)
     close.closing.add(id(activity))
     if close.forced_at is not None:
-        await _settle(close, _tool_tasks(activity))
+        # a share of what is left, not a whole grace: a zombie tool the drain already forced
+        # must not eat the time the activity's own close needs
+        share = max(0.0, close.close_deadline() - time.monotonic()) / 4
+        await _settle(close, _tool_tasks(activity), timeout=min(_grace(), share))
         _quarantine(close, activity)
         _forget_tools(activity, close.waiters)  # a tool awaiting the close finishes after it
     if id(activity) in close.held_lock or (activity._lock.locked() and close.forced_at is not None):
