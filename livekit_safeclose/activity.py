@@ -32,9 +32,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import toolsets
-from .adapters import close_recognition, forget_tool_tasks, tool_tasks
+from .adapters import close_recognition, forget_tool_tasks, handoff_parts, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
-from .ownership import outputs_of
+from .ownership import note_handed_over, outputs_of, sinks_held_by
 from .report import StepOutcome
 from .stacks import frames
 
@@ -68,10 +68,13 @@ def force(close: BoundedClose, activity: Any) -> None:
         info = _get_activity_task_info(task)
         if info is not None and info.speech_handle is not None:
             close.io_objects.add(info.speech_handle)
+            close.io_objects.update(sinks_held_by(task))
 
 
 def quarantine(close: BoundedClose, activity: Any) -> None:
     """Take the activity's zombies out of upstream's bookkeeping (see the module doc)."""
+    if not close.cancelled_tasks and not close.zombies:
+        return  # nothing was cancelled, so nothing can have swallowed it: every healthy close
     from livekit.agents.voice.agent import _get_activity_task_info
 
     stuck = [t for t in unsettled_tasks(activity) if t in close.cancelled_tasks]
@@ -81,6 +84,10 @@ def quarantine(close: BoundedClose, activity: Any) -> None:
         info = _get_activity_task_info(task)
         handle = info.speech_handle if info is not None else None
         if handle is not None and not handle.done():
+            # interrupted first, as upstream's timeout finds it: a tool reply the zombie's
+            # speech still creates on this handle then ends at once instead of waiting for
+            # an authorization that never comes (interrupt() ignores a done handle)
+            handle.interrupt(force=True)
             handle._mark_done()
 
 
@@ -118,10 +125,13 @@ def wrap_drain(original: Method, _options: Any) -> Method:
     async def drain(self: Any, *args: Any, **kwargs: Any) -> Any:
         close = closing_of(self._session)
         if close is None:
-            return await original(self, *args, **kwargs)
+            resources = await original(self, *args, **kwargs)
+            note_handed_over(self._session, handoff_parts(resources))
+            return resources
         close.touch(self)
         start = time.monotonic()
         inner = asyncio.ensure_future(original(self, *args, **kwargs))
+        inner.add_done_callback(lambda f: _note_handoff(self._session, f))
         # upstream detaches the outputs right after the drain: a sink set during the close
         # (the caller hung up) is seen only now, and a playout wait on it works for the session
         inner.add_done_callback(lambda _: close.io_objects.update(outputs_of(self._session)))
@@ -153,6 +163,11 @@ def wrap_drain(original: Method, _options: Any) -> Method:
         return inner.result() if outcome == "done" else None
 
     return drain
+
+
+def _note_handoff(session: Any, fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        note_handed_over(session, handoff_parts(fut.result()))
 
 
 def wrap_aclose(original: Method, _options: Any) -> Method:
@@ -223,8 +238,11 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     """A forced close of ``activity``: every tool cancelled, then upstream's ``aclose``
     watched; the session's streams stopped from outside when a model close hangs, and what
     an abandoned ``aclose`` never reached completed."""
-    # the toolsets' own executors too: an MCP toolset drains its calls before closing its server
-    await close.settle("tools.cancel", tool_tasks(activity) + toolsets.tool_tasks(activity))
+    # the toolsets' own executors too: an MCP toolset drains its calls before closing its
+    # server. A share of what is left, not a whole grace: a zombie tool the drain forced
+    # must not eat the time the activity's own close needs
+    tools = tool_tasks(activity) + toolsets.tool_tasks(activity)
+    await close.settle("tools.cancel", tools, deadline=close.drain_grace())
     quarantine(close, activity)
     toolsets.forget(activity, close.zombies)
     spare_waiters(close, activity)

@@ -76,7 +76,7 @@ def forget_tool_tasks(activity: Any, tasks: set[Any] | Any) -> None:
     """Take ``tasks`` out of the tool executor's registry, so upstream's ``aclose`` neither
     waits for nor cancels them (their own end removes the entry anyway). ``tagged_tasks``
     releases keep no registry: nothing to take out."""
-    if compat.shape("tool_registry") != "executor":
+    if not tasks or compat.shape("tool_registry") != "executor":
         return
     executor = activity._tool_executor
     for call_id, running in list(executor._running_tasks.items()):
@@ -116,6 +116,13 @@ def close_recognition(recognition: Any) -> Coroutine[Any, Any, None]:
     private = compat.shape("recognition_close") == "private"
     coro: Coroutine[Any, Any, None] = recognition._aclose() if private else recognition.aclose()
     return coro
+
+
+def handoff_parts(resources: Any) -> list[Any]:
+    """What ``AgentActivity.drain(new_activity=...)`` hands to the next activity (1.7.0+:
+    a ``_ReusableResources``; before, ``None``): the parts that run tasks of their own."""
+    names = ("stt_pipeline", "rt_session", "turn_detector_stream")
+    return [p for n in names if (p := getattr(resources, n, None)) is not None]
 
 
 def start_tasks(session: Any) -> list[asyncio.Task[Any]]:

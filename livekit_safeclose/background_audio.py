@@ -28,7 +28,7 @@ import contextvars
 import functools
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
 
 from .bounded_close import BoundedClose
@@ -194,12 +194,14 @@ def _running_tasks(player: Any) -> list[asyncio.Task[Any]]:
     return [t for t in tasks if isinstance(t, asyncio.Task) and not t.done()]
 
 
-async def finish(session: Any, close: BoundedClose) -> None:
+def finish(session: Any, close: BoundedClose) -> Coroutine[Any, Any, None] | None:
     """Close the session's background audio players (bounded: one unwind grace); cancel what
-    still runs after that and record it in the close report."""
+    still runs after that and record it in the close report. ``None`` when it has none."""
     players = [p for p in players_of(session) if p not in _closing or _running_tasks(p)]
-    if not players:
-        return
+    return _close_players(close, players) if players else None
+
+
+async def _close_players(close: BoundedClose, players: list[Any]) -> None:
     start = time.monotonic()
     for p in players:
         _closing.add(p)

@@ -42,6 +42,8 @@ SWEEP_RESERVE = 0.25
 #: time kept between the last teardown step and the end of upstream's close, so the close
 #: event is always emitted before the close bound
 EMIT_RESERVE = 0.15
+#: the share of a sweep's time a stream gets to unwind from its first cancellation
+SWEEP_SLICE = 0.2
 #: after force-cancelling, how long a task may take to unwind before it counts as a zombie
 UNWIND_GRACE = 0.5
 #: room kept for the models' teardown after the drain, beyond the final-transcript wait
@@ -77,13 +79,21 @@ class BoundedClose(CloseBookkeeping):
     """State of one session close, shared by every caller that joins it."""
 
     def __init__(
-        self, *, session_label: str, options: Options, reason: str, graceful: bool, transcript_timeout: float
+        self,
+        *,
+        session_label: str,
+        options: Options,
+        reason: str,
+        graceful: bool,
+        transcript_timeout: float,
+        requested_at: float | None = None,
     ) -> None:
         super().__init__()
         self.options = options
         self.graceful = graceful
         self.transcript_timeout = transcript_timeout
-        self.t0 = time.monotonic()
+        # the bounds run from the request: a closing task made by shutdown() may start late
+        self.t0 = time.monotonic() if requested_at is None else min(requested_at, time.monotonic())
         self._label, self._reason, self._drain_requested = session_label, reason, graceful
         self.phase: Phase = "drain"
         self._phase_started = self.t0
@@ -118,7 +128,7 @@ class BoundedClose(CloseBookkeeping):
             # a goodbye into a caller who already hung up never plays out: past this bound
             # the graceful close becomes a forced one
             self._graceful_timer = self._loop.call_later(
-                options.graceful_timeout, self.escalate, "graceful_timeout"
+                self.left(self.t0 + options.graceful_timeout), self.escalate, "graceful_timeout"
             )
 
     # -- deadlines -----------------------------------------------------------------------
@@ -139,15 +149,15 @@ class BoundedClose(CloseBookkeeping):
         need = self.transcript_timeout + TEARDOWN_RESERVE + SWEEP_RESERVE + EMIT_RESERVE
         return self.options.close_timeout >= need
 
-    def escalate(self, by: str = "forced close") -> None:
-        """A forced close joined a graceful one (or ``graceful_timeout`` passed): from now on
-        the bounds apply."""
+    def escalate(self, by: str = "forced close", at: float | None = None) -> None:
+        """A forced close joined a graceful one (or ``graceful_timeout`` passed): from now
+        (or from ``at``, when the forced request was made) on the bounds apply."""
         if not self.graceful:
             return
         self.graceful = False
         if self._graceful_timer is not None:
             self._graceful_timer.cancel()
-        now = time.monotonic()
+        now = time.monotonic() if at is None else max(self.t0, min(at, time.monotonic()))
         self.escalated_ms = round((now - self.t0) * 1000, 1)
         self.escalated_by = by
         self.drain_deadline = min(self.drain_deadline, now + self.drain_budget())
@@ -274,14 +284,17 @@ class BoundedClose(CloseBookkeeping):
         return True
 
     # -- bounded bookkeeping -------------------------------------------------------------
-    async def settle(self, name: str, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-        """Cancel ``tasks`` and give them the unwind grace; returns the zombies among them."""
+    async def settle(
+        self, name: str, tasks: list[asyncio.Task[Any]], deadline: float | None = None
+    ) -> list[asyncio.Task[Any]]:
+        """Cancel ``tasks`` and give them the unwind grace (or until ``deadline``); returns
+        the zombies among them."""
         live = [t for t in tasks if not t.done() and t not in self.zombies and t not in self.waiters]
         if not live:
             return []
         start = time.monotonic()
         self.cancel(live)
-        await asyncio.wait(live, timeout=self.left(self.grace()))
+        await asyncio.wait(live, timeout=self.left(self.grace() if deadline is None else deadline))
         stuck = self.mark_zombies([t for t in live if not t.done()])
         self.record(name, start, "timeout" if stuck else "done", f"{len(stuck)} did not end" if stuck else "")
         return stuck
@@ -317,16 +330,23 @@ class BoundedClose(CloseBookkeeping):
     # -- streams -----------------------------------------------------------------------------
     async def sweep_streams(self, session: Any, deadline: float) -> None:
         """Stop the session's provider streams that are still open: cancel each stream's
-        main task (again) and wait until ``deadline``. A stream whose close waits for a
-        provider goodbye ends here; one that swallows every cancellation is reported."""
+        main task, and once more a slice of the time later, then wait until ``deadline``.
+        A stream whose close waits for a provider goodbye ends at the second cancellation
+        (the first one only started that wait when nobody closed the stream before: its
+        speech was cancelled, not interrupted); one that swallows every cancellation is
+        reported."""
         leftover = [e for e in streams_mod.streams_of(session) if not e.task.done()]
         if not leftover:
             return
         start = time.monotonic()
+        tasks = {e.task for e in leftover}
         for e in leftover:
             self.note_stuck(e.task)
             e.task.cancel()
-        await asyncio.wait({e.task for e in leftover}, timeout=self.left(deadline))
+        await asyncio.wait(tasks, timeout=self.left(deadline) * SWEEP_SLICE)
+        for t in tasks:
+            t.cancel()  # a no-op on a task that ended
+        await asyncio.wait(tasks, timeout=self.left(deadline))
         closed = [e for e in leftover if e.task.done()]
         self._swept.extend(e.label for e in closed)
         outcome: StepOutcome = "done" if len(closed) == len(leftover) else "timeout"

@@ -93,7 +93,12 @@ def _missing_dependencies(e2e: bool) -> str | None:
 
 
 def _spawn(
-    scenario: str, mode: str, args: argparse.Namespace, child: str = "_run", hangs: bool = True
+    scenario: str,
+    mode: str,
+    args: argparse.Namespace,
+    child: str = "_run",
+    hangs: bool = True,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     # a vanilla run that is not expected to hang gets the layer's bound
     bound = (
@@ -108,7 +113,9 @@ def _spawn(
     ]  # fmt: skip
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bound, env=os.environ.copy())
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=bound, env=env or os.environ.copy()
+        )
     except subprocess.TimeoutExpired:
         return {"scenario": scenario, "closed": False, "error": f"killed after {bound:.0f} s", "killed": True}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -311,7 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     for a in run._actions[1:]:
         run_e2e._add_action(a)
     _add_idle_report(sub)
+    _add_upstream(sub, run)
     return parser
+
+
+def _add_upstream(sub: Any, run: argparse.ArgumentParser) -> None:
+    from .upstream import add_arguments
+
+    add_arguments(sub.add_parser("upstream", help="the close-path fix as a diff against livekit-agents"))
+    child = sub.add_parser("_run_upstream", help=argparse.SUPPRESS)
+    for a in run._actions[1:]:
+        child._add_action(a)
 
 
 def _add_idle_report(sub: Any) -> None:
@@ -341,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(code)
     if args.command == "fuzz":
         return _fuzz(args)
+    if args.command in ("upstream", "_run_upstream"):
+        from . import upstream
+
+        return upstream.run(args) if args.command == "upstream" else upstream.verify.run_child(args)
     if args.command == "matrix":
         from .testing.matrix import main as matrix_main
 

@@ -10,12 +10,13 @@ to decide anything.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import weakref
 from typing import Any
 
 from . import streams as streams_mod
-from .report import StepOutcome, StepRecord, StuckTask, stuck_task
+from .report import StepOutcome, StepRecord, StuckTask, logger, stuck_task
 from .stacks import awaited_tasks, swallowed_cancel, task_name
 
 
@@ -86,6 +87,7 @@ class CloseBookkeeping:
         """``fut`` hit its bound: cancel it once, leave it running, report where it is."""
         self.note_stuck(fut)
         fut.cancel()
+        fut.add_done_callback(functools.partial(_retrieve, name))
         self.pending.append(fut)
         self._abandoned.append(name)
         self.record(name, started, "abandoned")
@@ -101,3 +103,11 @@ class CloseBookkeeping:
             if not e.task.done():
                 self._left_open.append(e.label)
                 self.note_stuck(e.task)
+
+
+def _retrieve(name: str, fut: asyncio.Future[Any]) -> None:
+    """An abandoned step that ends later with an exception (a drain resuming on the fresh
+    lock trips upstream's lock assertion) is already in the report: its exception is read
+    here and logged at DEBUG, not printed by the loop as "never retrieved"."""
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        logger.debug("abandoned step %s ended later with %r", name, exc)

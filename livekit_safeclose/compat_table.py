@@ -16,6 +16,7 @@ RECOGNITION = "livekit.agents.voice.audio_recognition:AudioRecognition"
 SPEECH = "livekit.agents.voice.speech_handle:SpeechHandle"
 OPTIONS = "livekit.agents.voice.agent_session:AgentSessionOptions"
 TASK_INFO = "livekit.agents.voice.agent:_ActivityTaskInfo"
+REUSABLE = "livekit.agents.voice.agent_activity:_ReusableResources"
 SERVER = "livekit.agents.worker:AgentServer"
 PROC = "livekit.agents.ipc.supervised_proc:SupervisedProc"
 JOB_PROC = "livekit.agents.ipc.job_proc_lazy_main:_JobProc"
@@ -26,6 +27,7 @@ CORE: tuple[R, ...] = (
     R("core", SESSION, "_aclose_impl", "method", ("reason", "drain", "error")),
     R("core", SESSION, "_close_soon", "method", ("reason", "drain", "error")),
     R("core", SESSION, "start", "method"),
+    R("core", SESSION, "_on_error", "method", ("error",), optional=True),
     R("core", ACTIVITY, "drain", "method"),
     R("core", ACTIVITY, "aclose", "method"),
     # read by the close
@@ -47,6 +49,10 @@ CORE: tuple[R, ...] = (
     R("core", ACTIVITY, "_audio_recognition", "init_attr"),
     R("core", ACTIVITY, "_rt_session", "init_attr", optional=True),
     R("core", RECOGNITION, "_stt_pipeline", "init_attr", optional=True),
+    # what a handoff's drain hands to the next activity (1.7.0+; adapters.handoff_parts)
+    *(R("core", REUSABLE, name, "field", optional=True)
+      for name in ("stt_pipeline", "rt_session", "turn_detector_stream")),
+    R("core", RECOGNITION, "_turn_detector_stream", "init_attr", optional=True),
     R("core", "livekit.agents.voice.agent:Agent", "_activity", "init_attr"),
     R("core", "livekit.agents.voice.agent:AgentTask", "_old_agent", "init_attr"),
     R("core", "livekit.agents.voice.agent", "_get_activity_task_info", "attr"),

@@ -19,17 +19,21 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import report as report_mod
 from . import streams as streams_mod
+from .activity import unsettled_tasks
 from .bounded_close import UNWIND_GRACE, BoundedClose
 from .ownership import activities_of, objects_of, running_sessions
 from .stacks import awaited_tasks, works_for
 
-#: ``"module:function"`` entries, each ``async def finish(session, close)``: one per feature
-#: whose resources upstream does not tie to the session (run in order, each bounded)
+#: ``"module:function"`` entries, each ``def finish(session, close) -> Awaitable | None``: one
+#: per feature whose resources upstream does not tie to the session (run in order, each
+#: bounded). ``None`` says "nothing of mine here", decided without touching the loop: a
+#: healthy close pays no timeout, no record and no loop round trip for a feature it never used
 FINISHERS: tuple[str, ...] = (
     "livekit_safeclose.realtime:finish",
     "livekit_safeclose.fallback:finish",
@@ -38,10 +42,12 @@ FINISHERS: tuple[str, ...] = (
 )
 
 
-_resolved: list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None]]]] = []
+Finisher = Callable[[Any, BoundedClose], Awaitable[None] | None]
+
+_resolved: list[tuple[str, Finisher]] = []
 
 
-def _finishers() -> list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None]]]]:
+def _finishers() -> list[tuple[str, Finisher]]:
     """``(step name, function)`` of each :data:`FINISHERS` entry, resolved once."""
     if len(_resolved) != len(FINISHERS):
         from .patching import resolve
@@ -51,18 +57,20 @@ def _finishers() -> list[tuple[str, Callable[[Any, BoundedClose], Awaitable[None
 
 
 async def _run_finishers(session: Any, close: BoundedClose) -> None:
-    """Each finisher awaited in place under a timeout at the grace: one with nothing to do
-    returns without yielding to the loop (no task, no timer round trip, which is most of
-    what a healthy close's finishers cost); one that hits the bound is cancelled there."""
+    """Each finisher with work awaited in place under a timeout at the grace; one that hits
+    the bound is cancelled there."""
     timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+
     for name, fn in _finishers():
+        work = fn(session, close)
+        if work is None:
+            continue
         if timeout is None:
-            await close.step(name, fn(session, close), deadline=close.grace())
+            await close.step(name, work, deadline=close.grace())
             continue
         start = time.monotonic()
         try:
             async with timeout(close.left(close.grace())):
-                await fn(session, close)
+                await work
         except TimeoutError:
             close.record(name, start, "timeout")
         except Exception as exc:
@@ -83,7 +91,9 @@ async def finish(
         # a stream is matched to its session through its creator's await chain: before the
         # leftovers (the creators among them) are cancelled, or the sweep cannot find it
         streams_mod.streams_of(session)
-        if not (completed and _clean(close)):
+        lingering = await _let_speech_finish(close)
+        if lingering or not (completed and _clean(close)):
+            await _let_skipped_speech_end(close)
             await _stop_leftover_tasks(session, close)
         await _run_finishers(session, close)
         if close.options.close_models:
@@ -102,9 +112,26 @@ async def finish(
             # a forced teardown's last agent-state change can re-arm upstream's user-away
             # timer on the closed session (it would fire, and pin the session, later)
             session._cancel_user_away_timer()
+            # so can the end of a speech the close cancelled that ends only now (its done
+            # callback sets the agent state listening)
+            disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()])
         close.end()
         session.off("close", on_close)
         report_mod.emit(session, close.report(completed=completed), close.zombies)
+
+
+def disarm_when_done(session: Any, tasks: list[asyncio.Task[Any]]) -> None:
+    """When each of ``tasks`` ends on the closed session, cancel the user-away timer its
+    end re-armed. The callback holds the session weakly (a manager task may close many)."""
+    ref = weakref.ref(session)
+
+    def _disarm(_: asyncio.Task[Any]) -> None:
+        s = ref()
+        if s is not None and not s._started:
+            s._cancel_user_away_timer()
+
+    for t in tasks:
+        t.add_done_callback(_disarm)
 
 
 async def _close_activities(session: Any, close: BoundedClose) -> None:
@@ -129,26 +156,70 @@ def _emit_close(session: Any, close: BoundedClose, *, reason: Any, error: Any) -
     session.emit("close", CloseEvent(error=error, reason=reason))
 
 
+async def _let_speech_finish(close: BoundedClose) -> bool:
+    """Upstream's drain skips the hooks marked drain-blocked, and nothing cancels them
+    after: an ``on_enter`` still running when an ``AgentTask`` awaited from it found
+    the session closing outlives the close. A graceful close lets them finish within the
+    teardown bound. True when some still run (the leftover cancel then stops them)."""
+    from livekit.agents.voice.agent import _get_activity_task_info
+
+    def lingering() -> list[asyncio.Task[Any]]:
+        # the hooks only (no speech handle): a reply may wait on a tool awaiting the close
+        hooks = [t for act in list(close.activities) for t in list(act._speech_tasks) if not t.done()]
+        return [
+            t
+            for t in hooks
+            if t not in close.waiters
+            and t not in close.zombies
+            and getattr(_get_activity_task_info(t), "speech_handle", None) is None
+        ]
+
+    left = lingering()
+    if left and close.graceful:
+        start = time.monotonic()
+        await asyncio.wait(left, timeout=close.left(close.steps_deadline()))
+        left = lingering()
+        if left:
+            close.escalate("close_timeout")  # cut at its bound: a forced close now
+        close.record("drain_blocked.finish", start, "timeout" if left else "done")
+    return bool(left)
+
+
 def _clean(close: BoundedClose) -> bool:
     """Nothing forced so far: upstream's close ran to its end by itself, so it stopped what
     it started; the scan of every task in the process (most of what a healthy close costs
-    the layer) is skipped."""
-    return not (close.forced or close.pending or close.zombies or close.escalated_ms is not None)
+    the layer) is skipped. Not when a closed activity still runs a speech or tool task:
+    upstream's drain skips the ones it is told not to wait for (an ``on_enter`` that an
+    ``AgentTask`` interrupted), and its ``aclose`` does not cancel them."""
+    if close.forced or close.pending or close.zombies or close.escalated_ms is not None:
+        return False
+    return not any(unsettled_tasks(act) for act in list(close.activities))
+
+
+def _spared(close: BoundedClose, t: asyncio.Task[Any]) -> bool:
+    """The close's own tasks, known zombies, and the close's waiters with whatever awaits
+    them (a tool awaiting the close resumes after it)."""
+    if t in (close.task, close.upstream, asyncio.current_task()) or t in close.zombies or t in close.waiters:
+        return True
+    return any(w in close.waiters for w in awaited_tasks(t))
+
+
+async def _let_skipped_speech_end(close: BoundedClose) -> None:
+    """A graceful close lets what upstream's drain skipped (an ``on_enter`` an AgentTask
+    interrupted) finish, as it lets any speech: until the graceful bound, after which the
+    close is escalated and they are cancelled with the other leftovers."""
+    rest = [t for act in list(close.activities) for t in unsettled_tasks(act) if not _spared(close, t)]
+    if close.graceful and rest:
+        await close.wait_phase(asyncio.gather(*rest, return_exceptions=True), drain=True)
 
 
 async def _stop_leftover_tasks(session: Any, close: BoundedClose) -> None:
     """Cancel what still works for the session: nothing opened on the session's behalf may
-    outlive its close. Spared: the close's own tasks, known zombies, and the close's waiters
-    with whatever awaits them (a tool awaiting the close resumes after it)."""
-    mine = {close.task, close.upstream, asyncio.current_task()}
+    outlive its close (but what :func:`_spared` spares)."""
     owned = objects_of(session, list(close.activities), list(close.io_objects))
-
-    def spared(t: asyncio.Task[Any]) -> bool:
-        if t in mine or t in close.zombies or t in close.waiters:
-            return True
-        return any(w in close.waiters for w in awaited_tasks(t))
-
-    leftover = [t for t in asyncio.all_tasks() if not t.done() and not spared(t) and works_for(t, owned)]
+    leftover = [
+        t for t in asyncio.all_tasks() if not t.done() and not _spared(close, t) and works_for(t, owned)
+    ]
     await close.settle("leftover_tasks.cancel", leftover)
 
 

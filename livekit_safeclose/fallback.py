@@ -24,7 +24,7 @@ import asyncio
 import functools
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,12 +110,14 @@ def recoveries_of(session: Any) -> list[asyncio.Task[Any]]:
     return [r.task for r in list(_recoveries.values()) if r.session is session and not r.task.done()]
 
 
-async def finish(session: Any, close: BoundedClose) -> None:
+def finish(session: Any, close: BoundedClose) -> Coroutine[Any, Any, None] | None:
     """Cancel the session's recoveries still running (bounded: one unwind grace) and list
-    them, with the streams they held, in the close report."""
+    them, with the streams they held, in the close report; ``None`` when none runs."""
     tasks = recoveries_of(session)
-    if not tasks:
-        return
+    return _cancel_recoveries(session, close, tasks) if tasks else None
+
+
+async def _cancel_recoveries(session: Any, close: BoundedClose, tasks: list[asyncio.Task[Any]]) -> None:
     start = time.monotonic()
     # the recovery stream (STT) or the probe's stream (TTS) ends with its task; a stream of
     # the session still open at this point and closed by these cancels is one of them

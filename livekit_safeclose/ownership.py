@@ -17,6 +17,17 @@ from typing import Any
 _started_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+#: per session, the parts a handoff carries from the old activity to the next (the STT
+#: pipeline, the realtime session): while the handoff holds them they are in no activity,
+#: and a close during the handoff makes it close them itself, outside the close's view
+_handed_over: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def note_handed_over(session: Any, parts: Iterable[Any]) -> None:
+    for part in parts:
+        _handed_over.setdefault(session, weakref.WeakSet()).add(part)
+
+
 def note_started(session: Any) -> None:
     _started_sessions.add(session)
 
@@ -62,11 +73,27 @@ def outputs_of(session: Any) -> list[Any]:
     return out
 
 
+def sinks_held_by(task: Any) -> list[Any]:
+    """The audio outputs a speech task plays into (its frames' locals): a sink replaced
+    since (the caller hung up) is no output of the session any more, yet a playout wait
+    on it was started by this speech."""
+    from livekit.agents.voice import io
+
+    from .stacks import frames
+
+    seen: list[Any] = []
+    for frame in frames(task):
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, io.AudioOutput) and all(value is not s for s in seen):
+                seen.append(value)
+    return seen
+
+
 def objects_of(session: Any, activities: Iterable[Any] = (), extra: Iterable[Any] = ()) -> set[int]:
     """Ids of the session, its activities (``activities`` plus the live ones), the parts of
     each activity that run tasks of their own, and ``extra`` objects."""
     acts = list(activities) + [a for a in activities_of(session) if a not in activities]
-    objs: list[Any] = [session, *extra, *outputs_of(session)]
+    objs: list[Any] = [session, *extra, *outputs_of(session), *_handed_over.get(session, ())]
     for act in acts:
         recognition = getattr(act, "_audio_recognition", None)
         objs += [
@@ -76,5 +103,9 @@ def objects_of(session: Any, activities: Iterable[Any] = (), extra: Iterable[Any
             getattr(act, "_tool_executor", None),
             getattr(act, "_rt_session", None),
         ]
-        objs.append(getattr(recognition, "_stt_pipeline", None))
+        # the turn detector's stream: its tasks outlive a recognition close that was abandoned
+        objs += [
+            getattr(recognition, "_stt_pipeline", None),
+            getattr(recognition, "_turn_detector_stream", None),
+        ]
     return {id(o) for o in objs if o is not None}

@@ -27,6 +27,9 @@ PATCHES: tuple[Patch, ...] = (
           "phase by phase; callers await it shielded"),
     Patch(CORE, SESSION, "_close_soon", "livekit_safeclose.session:wrap_close_soon",
           "a finished closing task is reset; a forced request escalates a graceful close"),
+    Patch(CORE, SESSION, "_on_error", "livekit_safeclose.session:wrap_on_error",
+          "during a graceful close (upstream ignores errors then): an error that would have "
+          "closed the session escalates it", if_present=True),
     Patch(CORE, SESSION, "start", "livekit_safeclose.session:wrap_start",
           "the session is noted (weakly) as started: whom a shared model belongs to"),
     Patch(CORE, ACTIVITY, "drain", "livekit_safeclose.activity:wrap_drain",
@@ -64,7 +67,8 @@ PATCHES: tuple[Patch, ...] = (
           "a player started with agent_session= is noted with it: the session's close closes it",
           if_present=True),
     Patch(CORE, BG_AUDIO, "aclose", "livekit_safeclose.background_audio:wrap_aclose",
-          "from the start of the close, play() starts no task", if_present=True),
+          "from the start of the close, play() starts no task; the close ends once the clips "
+          "it stopped are closed", if_present=True),
     Patch(CORE, BG_AUDIO, "play", "livekit_safeclose.background_audio:wrap_play",
           "on a closing or closed player: a done handle, no task", if_present=True),
     # -- FallbackAdapter recovery (livekit_safeclose.fallback) ----------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from .bounded_close import BoundedClose
@@ -60,11 +61,14 @@ def _where(task: asyncio.Task[Any], owners: set[int]) -> str:
     return "?"
 
 
-async def finish(session: Any, close: BoundedClose) -> None:
-    """Cancel what still waits on the session's realtime sessions (see the module doc)."""
+def finish(session: Any, close: BoundedClose) -> Coroutine[Any, Any, None] | None:
+    """Cancel what still waits on the session's realtime sessions (see the module doc);
+    ``None`` for a session with none (the finisher protocol of ``completion``)."""
     owners = {id(rt) for rt in realtime_sessions_of(session, close)}
-    if not owners:
-        return
+    return _stop_waiters(close, owners) if owners else None
+
+
+async def _stop_waiters(close: BoundedClose, owners: set[int]) -> None:
     me = asyncio.current_task()
     waiting = [
         t

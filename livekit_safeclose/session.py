@@ -17,15 +17,16 @@ watches it phase by phase (see :class:`~.bounded_close.BoundedClose`):
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import inspect
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import options as options_mod
 from . import patching
+from . import streams as streams_mod
 from .activity import force, settle_drain_phase
 from .adapters import add_drain_blocked, start_tasks, transcript_timeout
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
@@ -35,6 +36,13 @@ from .patch_table import PATCHES
 from .report import logger
 
 Method = Callable[..., Coroutine[Any, Any, Any]]
+
+#: session attributes: a forced request made before the graceful close it escalates opened;
+#: the unrecoverable errors counted during a close, by the closing task they were seen in
+FORCED_ATTR = "_safeclose_forced_request"
+ERRORS_ATTR = "_safeclose_close_errors"
+#: ``(closing task, when)``: the closing task upstream made for a request, not yet run
+REQUESTED_ATTR = "_safeclose_close_requested"
 
 _ONE_ARG = inspect.Signature([inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 
@@ -93,11 +101,57 @@ def wrap_close_soon(original: Callable[..., None], _options: Any) -> Callable[..
             close = closing_of(self)
             if close is None and _nothing_to_close(self):
                 return  # closed already: no task that would only overwrite the report
-            if close is not None and not drain:
-                close.escalate()
+            if not drain:
+                _forced_request(self, close, "forced close")
+        opened = self._closing_task
         original(self, reason=reason, drain=drain, error=error)
+        _note_request(self, opened)
 
     return _close_soon
+
+
+def wrap_on_error(original: Callable[..., None], _options: Any) -> Callable[..., None]:
+    """Patch-table factory for ``AgentSession._on_error``. Upstream ignores every error
+    once a closing task exists, so a provider that dies during a graceful close (its
+    goodbye can no longer play) left the close waiting for ``graceful_timeout``: an error
+    that would have closed the session (past ``max_unrecoverable_errors`` of its kind
+    during this close) is a forced request, and escalates it."""
+
+    @functools.wraps(original)
+    def _on_error(self: Any, error: Any) -> None:
+        closing = self._closing_task
+        recoverable = getattr(error, "recoverable", True)
+        if options_mod.for_session(self) is not None and closing is not None and not recoverable:
+            seen, counts = self.__dict__.get(ERRORS_ATTR, (None, None))
+            if seen is not closing or counts is None:
+                counts = collections.Counter()
+                self.__dict__[ERRORS_ATTR] = (closing, counts)
+            kind = getattr(error, "type", type(error).__name__)
+            counts[kind] += 1
+            tolerated = getattr(self.conn_options, "max_unrecoverable_errors", 0)
+            if counts[kind] > tolerated:
+                _forced_request(self, closing_of(self), "unrecoverable error")
+        original(self, error)
+        _note_request(self, closing)
+
+    return _on_error
+
+
+def _note_request(session: Any, before: Any) -> None:
+    """Upstream just made a closing task (it was ``before``): its close, opened when the
+    task first runs, is bounded from now."""
+    task = session._closing_task
+    if task is not None and task is not before:
+        session.__dict__[REQUESTED_ATTR] = (task, time.monotonic())
+
+
+def _forced_request(session: Any, close: BoundedClose | None, by: str) -> None:
+    """A forced request escalates the graceful close in flight, or the one about to open:
+    ``shutdown()`` only created its task, whose close opens a loop turn later."""
+    if close is not None:
+        close.escalate(by)
+    elif session._closing_task is not None and not session._closing_task.done():
+        session.__dict__[FORCED_ATTR] = (session._closing_task, by, time.monotonic())
 
 
 def wrap_start(original: Method, _options: Any) -> Method:
@@ -138,13 +192,18 @@ def _open_close(
 ) -> BoundedClose:
     """Start the session's one closing task."""
     transcript = transcript_timeout(session)
+    task, requested_at = session.__dict__.pop(REQUESTED_ATTR, (None, None))
     close = BoundedClose(
         session_label=_label(session),
         options=options,
         reason=str(getattr(reason, "value", reason)),
         graceful=drain,
         transcript_timeout=transcript,
+        requested_at=requested_at if task is not None and task is asyncio.current_task() else None,
     )
+    task, by, at = session.__dict__.pop(FORCED_ATTR, (None, "", None))
+    if task is not None and task is session._closing_task:
+        close.escalate(by, at)  # a forced request came before this graceful close opened
     # a close that interrupts start() still ends with a close event
     close.was_started = bool(session._started) or session._lock.locked()
     session.__dict__[CLOSE_ATTR] = close
@@ -188,19 +247,12 @@ def _disarm_after(session: Any, me: asyncio.Task[Any]) -> None:
     closes many sessions must not keep them alive."""
     from livekit.agents.voice.agent import _get_activity_task_info
 
+    from .completion import disarm_when_done
+
     info = _get_activity_task_info(me)
     handle = info.speech_handle if info is not None else None
-    if handle is None:
-        return
-    ref = weakref.ref(session)
-
-    def _disarm(_: asyncio.Task[Any]) -> None:
-        s = ref()
-        if s is not None and not s._started:
-            s._cancel_user_away_timer()
-
-    for t in [me, *handle._tasks]:
-        t.add_done_callback(_disarm)
+    if handle is not None:
+        disarm_when_done(session, [me, *handle._tasks])
 
 
 async def _closing_main(
@@ -221,6 +273,9 @@ async def _closing_main(
         await _wait_for_start(session, close)
         for act in activities_of(session):
             close.touch(act)
+        # matched now, while the parts that made them are reachable: a recognition close the
+        # close cuts short drops its STT pipeline before that pipeline's stream has ended
+        streams_mod.streams_of(session)
         close.upstream = asyncio.ensure_future(original(session, reason=reason, drain=drain, error=error))
         await _watch(session, close)
     finally:

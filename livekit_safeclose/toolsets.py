@@ -74,32 +74,42 @@ _shutdowns: weakref.WeakKeyDictionary[Any, asyncio.Task[None]] = weakref.WeakKey
 
 
 # -- what a session reaches ----------------------------------------------------------------
-def _walk(tools: Iterable[Any], found: dict[int, Any]) -> None:
+@functools.cache
+def _toolset_classes() -> tuple[Any, Any]:
+    """``(Toolset, AsyncToolset or None)``, imported once: every forced close asks."""
     from livekit.agents import llm
 
+    try:
+        from livekit.agents.llm.async_toolset import AsyncToolset
+    except ImportError:  # a release without session-scoped toolsets
+        return llm.Toolset, None
+    return llm.Toolset, AsyncToolset
+
+
+def _walk(tools: Iterable[Any], found: dict[int, Any], toolset: Any) -> None:
     for tool in tools:
-        if isinstance(tool, llm.Toolset) and id(tool) not in found:
+        if isinstance(tool, toolset) and id(tool) not in found:
             found[id(tool)] = tool
-            _walk(tool.tools, found)
+            _walk(tool.tools, found, toolset)
 
 
 def toolsets_of(session: Any, activities: Iterable[Any]) -> list[Any]:
     """The toolsets (nested ones included) of the session, of the activities' agents, and
     the ones the activities built for the agents' ``mcp_servers``."""
+    toolset = _toolset_classes()[0]
     found: dict[int, Any] = {}
-    _walk(session.tools, found)
+    _walk(session.tools, found, toolset)
     for act in activities:
-        _walk(getattr(act, "_mcp_tools", ()), found)
-        _walk(act.agent.tools, found)
+        _walk(getattr(act, "_mcp_tools", ()), found, toolset)
+        _walk(act.agent.tools, found, toolset)
     return list(found.values())
 
 
 def _executors(toolsets: Iterable[Any]) -> list[Any]:
-    try:
-        from livekit.agents.llm.async_toolset import AsyncToolset
-    except ImportError:  # a release without session-scoped toolsets
+    async_toolset = _toolset_classes()[1]
+    if async_toolset is None:
         return []
-    return [ts._executor for ts in toolsets if isinstance(ts, AsyncToolset)]
+    return [ts._executor for ts in toolsets if isinstance(ts, async_toolset)]
 
 
 def _toolset_executors(activity: Any) -> list[Any]:
@@ -116,6 +126,8 @@ def forget(activity: Any, tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Take ``tasks`` (zombies) out of the toolsets' executors, so a toolset's ``aclose``
     does not wait on them before it closes its MCP server."""
     drop = set(tasks)
+    if not drop:
+        return
     for ex in _toolset_executors(activity):
         for call_id, running in list(ex._running_tasks.items()):
             if running.exe_task in drop:
@@ -140,6 +152,8 @@ def servers_of(session: Any, activities: Iterable[Any]) -> list[Any]:
 
 
 def _session_servers(session: Any, close: BoundedClose) -> list[Any]:
+    if _MCP_MODULE not in sys.modules:
+        return []  # no MCP server can exist before the module is imported: asked every close
     return servers_of(session, [*close.activities, *activities_of(session)])
 
 
@@ -303,14 +317,16 @@ async def _bounded_shutdown(server: Any, close: BoundedClose, upstream: Method) 
 
 
 # -- the end of the close ------------------------------------------------------------------------
-async def finish(session: Any, close: BoundedClose) -> None:
+def finish(session: Any, close: BoundedClose) -> Coroutine[Any, Any, None] | None:
     """Completion hook (``completion.FINISHERS``): every MCP server of the session is shut
     down, bounded, even one whose toolset's ``aclose`` was never reached; an MCP client task
     still running once its server is gone (its child exited, or its connections closed) is
-    cancelled."""
+    cancelled. ``None`` when the session runs no MCP server."""
     servers = [s for s in _session_servers(session, close) if _running(s)]
-    if not servers:
-        return
+    return _shut_down_servers(close, servers) if servers else None
+
+
+async def _shut_down_servers(close: BoundedClose, servers: list[Any]) -> None:
     tasks = {s: shutdown(s, close) for s in servers}
     await asyncio.wait(tasks.values(), timeout=close.left(close.inner_deadline()))
     left = []

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..scenarios.runner import Outcome
 from .invariants import MARGIN, Observation, Verdict, check, observe
 from .schedule import Schedule, Step
-from .world import Request, World, build_session, first_agent
+from .world import Request, World, build_session, first_agent, heard_by
 
 #: how long a ``started`` step waits for ``start()``
 START_WAIT = 0.5
@@ -49,6 +49,7 @@ class Replay:
     def __init__(self, schedule: Schedule, *, patched: bool) -> None:
         self.schedule, self.patched = schedule, patched
         self.world = World(schedule.setup)
+        self.world.on_request = lambda req: self.tasks.append(asyncio.ensure_future(self._link(req)))
         self.tasks: list[asyncio.Future[Any]] = []  # the replay's own: starters, awaited closes
         self.close_ends: dict[int, float] = {}  # id(BoundedClose) -> when its task ended
         self.closes: list[Any] = []  # every BoundedClose a request started or joined
@@ -121,13 +122,14 @@ class Replay:
 
     def _error(self, kind: str) -> None:
         session = self.world.session
-        req = self.world.request(f"error:{kind}", graceful=False)
         model: Any = {"stt": session.stt, "llm": session.llm, "tts": session.tts}[kind]
+        req = self.world.request(f"error:{kind}", graceful=False, running=heard_by(session, model))
         cls: Any = {"stt": stt.STTError, "llm": llm.LLMError, "tts": tts.TTSError}[kind]
         err = cls(timestamp=time.time(), label="fuzz", error=RuntimeError("provider gone"), recoverable=False)
         for _ in range(session.conn_options.max_unrecoverable_errors + 1):
             model.emit("error", err)
-        self.tasks.append(asyncio.ensure_future(self._link(req)))
+        if req.running:
+            self.tasks.append(asyncio.ensure_future(self._link(req)))
 
     def _awaited(self, req: Request, aw: Awaitable[Any]) -> None:
         async def run() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,8 @@ class Request:
     path: str
     graceful: bool
     issued: float
-    #: the session was running (or starting) when the request was made
+    #: the session was running (or starting) when the request was made; for an error,
+    #: the session heard it (:func:`heard_by`)
     running: bool
     returned: float | None = None
     error: str = ""
@@ -65,6 +66,8 @@ class World:
     step_errors: list[str] = field(default_factory=list)
     #: the STT delivered the caller's last words as a final transcript
     transcribed: bool = False
+    #: called with each request a tool makes (the replay links it to the close it started)
+    on_request: Callable[[Request], None] | None = None
 
     @property
     def session(self) -> AgentSession[Any]:
@@ -75,10 +78,22 @@ class World:
         s = self.session
         return bool(s._started) or s._activity is not None or s._lock.locked()
 
-    def request(self, path: str, graceful: bool) -> Request:
-        req = Request(path, graceful, time.monotonic(), self.running())
+    def request(self, path: str, graceful: bool, *, running: bool | None = None) -> Request:
+        running = self.running() if running is None else running
+        req = Request(path, graceful, time.monotonic(), running)
         self.requests.append(req)
+        if path.startswith("tool:") and self.on_request is not None:
+            self.on_request(req)
         return req
+
+
+def heard_by(session: AgentSession[Any], model: Any) -> bool:
+    """Whether an activity of ``session`` listens to ``model``'s errors. Upstream subscribes
+    only when an activity starts its session (after ``start()``'s toolset setup and agent
+    change), and a provider only errors from the streams that activity opens: an error
+    emitted before then reaches no session and is no close request."""
+    listeners = getattr(model, "_events", {}).get("error", ())
+    return any(getattr(getattr(fn, "__self__", None), "_session", None) is session for fn in listeners)
 
 
 #: what the STT answers the close's end-of-turn flush with (``Setup.final_on_flush``)

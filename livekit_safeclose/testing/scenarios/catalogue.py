@@ -289,7 +289,8 @@ async def _replayed(ctx: Ctx) -> Agent:
 def _fuzz_scenarios() -> list[Scenario]:
     return [
         Scenario(f.id, f.stuck, path_of(f.schedule), f.description or f.stuck, _replayed,
-                 vanilla_hangs=f.vanilla_hangs, tags=("fuzz",), schedule=f.schedule)
+                 vanilla_hangs=f.vanilla_hangs, vanilla_leaks=f.vanilla_leaks, tags=("fuzz",),
+                 schedule=f.schedule)
         for f in FUZZ_FOUND
     ]  # fmt: skip
 

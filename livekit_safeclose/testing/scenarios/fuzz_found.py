@@ -25,6 +25,8 @@ class FuzzFound:
     stuck: str
     schedule: Schedule
     vanilla_hangs: bool = True
+    #: vanilla closes in time but leaves tasks behind (the bug is the leak)
+    vanilla_leaks: bool = False
     description: str = ""
 
 
@@ -98,6 +100,130 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "upstream detaches the outputs right after the drain, so the layer, which noted the "
         "sinks only when the close began, never saw the new one: a reply's "
         "AudioOutput.wait_for_playout task on it outlived the close.",
+    ),
+    FuzzFound(
+        "fuzz-graceful-llm-stall-close-hang",
+        "graceful close while the LLM stalls; its stream's close waits for a goodbye",
+        Schedule(FuzzSetup(llm_close="hang"), (Step("started"), Step("user", "stall"), Step("wait", 50),
+                                               Step("close", "graceful"))),
+        description="Forced at the escalated drain bound, the speech task was cancelled, not "
+        "interrupted: upstream then never closes the LLM stream it opened (its inference "
+        "task lives on), and the final sweep's one cancellation only started the stream's "
+        "goodbye wait: the provider connection stayed open with the inference, segment and "
+        "metrics tasks. Fuzz #2 (an aclose waiting for start(), a reply slipping in) and "
+        "#5529 (the TTS twin) are this bug.",
+    ),
+    FuzzFound(
+        "fuzz-graceful-tts-stall-close-hang",
+        "graceful close while the TTS stalls; its stream's close waits for a goodbye",
+        Schedule(FuzzSetup(tts_close="hang"), (Step("started"), Step("tts_stall"), Step("user", "text"),
+                                               Step("wait", 50), Step("close", "graceful"))),
+        description="The TTS twin of fuzz-graceful-llm-stall-close-hang: the TTS stream of a "
+        "speech cancelled at the drain bound stayed open at the provider.",
+    ),
+    FuzzFound(
+        "fuzz-aclose-during-start-reply-slips-in",
+        "aclose() while start() runs; a stalled reply starts before upstream's close does",
+        Schedule(FuzzSetup(llm_close="hang"), (Step("wait", 10), Step("close", "aclose"), Step("started"),
+                                               Step("user", "stall"))),
+        vanilla_hangs=False,
+        description="Fuzz #2 as found. The layer's close waits for start() and runs upstream's "
+        "close a loop turn later, so a reply asked for in between starts; vanilla's close, "
+        "queued on the session lock, runs first. The reply's LLM stream then stayed open "
+        "as in fuzz-graceful-llm-stall-close-hang.",
+    ),
+    FuzzFound(
+        "fuzz-handoff-stt-close-hang",
+        "a close during a handoff whose carried-over STT stream's close hangs",
+        Schedule(FuzzSetup(stt_close="hang", on_exit="slow"),
+                 (Step("started"), Step("user", "tool:handoff"), Step("wait", 150), Step("close", "aclose"))),
+        vanilla_hangs=False,
+        vanilla_leaks=True,
+        description="The handoff's drain hands the STT pipeline to the next activity; the "
+        "session closing meanwhile, the handoff closes that pipeline itself. Held by no "
+        "activity, the pipeline's stream was outside the close's view: its hung close kept "
+        "the provider connection and the handoff task open (fuzz #8603).",
+    ),
+    FuzzFound(
+        "fuzz-forced-before-graceful-opened",
+        "shutdown(drain=True) then at once shutdown(drain=False), on_exit swallowing",
+        Schedule(FuzzSetup(on_exit="swallow"), (Step("started"), Step("close", "graceful"),
+                                                Step("close", "shutdown"))),
+        description="shutdown() only creates the closing task; the forced request right after "
+        "found no close to escalate (and upstream drops it: a closing task exists), so the "
+        "close stayed graceful until graceful_timeout; its bounds also ran from when the "
+        "task first ran, not from the request (fuzz #284, there during start()).",
+    ),
+    FuzzFound(
+        "fuzz-unrecoverable-error-during-graceful",
+        "an unrecoverable LLM error during a graceful close while the LLM stalls",
+        Schedule(FuzzSetup(graceful_timeout=1.5), (Step("started"), Step("user", "stall"),
+                                                   Step("close", "graceful"), Step("error", "llm"))),
+        description="Upstream ignores every error once a closing task exists: the error close "
+        "never happened and the graceful close waited for graceful_timeout, past the "
+        "error's close_timeout bound.",
+    ),
+    FuzzFound(
+        "fuzz-graceful-drain-blocked-on-enter",
+        "graceful close while a slow on_enter runs, an AgentTask awaited meanwhile",
+        Schedule(FuzzSetup(on_enter="slow"), (Step("wait", 0), Step("close", "graceful"),
+                                              Step("user", "tool:task"))),
+        vanilla_hangs=False,
+        vanilla_leaks=True,
+        description="The AgentTask marks the running on_enter drain-blocked; upstream's drain "
+        "skips it and nothing cancels it: it outlived the close. A graceful close now "
+        "lets it finish within its bound (fuzz #1238).",
+    ),
+    FuzzFound(
+        "fuzz-agent-task-stt-close-hang",
+        "teardown while a stuck AgentTask runs, the TTS stalled, the STT stream's close hangs",
+        Schedule(FuzzSetup(stt_close="hang"), (Step("started"), Step("tts_stall"),
+                                               Step("user", "talk+tool:stuck_task"), Step("wait", 50))),
+        description="The STT stream was matched to its session only at the end of the close, "
+        "through the pipeline that made it; the recognition close the close cut short had "
+        "dropped that pipeline by then, so the sweep never saw the stream (its hung close "
+        "kept the provider connection and the pump open). Streams are now matched when "
+        "the close begins (fuzz seed 7 #642).",
+    ),
+    FuzzFound(
+        "fuzz-graceful-zombie-tool-reply",
+        "graceful close escalated on a tool swallowing CancelledError",
+        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "tool:swallow"), Step("close", "graceful"))),
+        description="Quarantine marked the zombie's speech handle done without interrupting it "
+        "(upstream never leaves a handle done but not interrupted): the tool reply upstream "
+        "still created on that handle waited for an authorization that never came, and its "
+        "_wait_for_authorization helper with it. The forced activity close then gave the "
+        "already forced zombie tool a whole unwind grace, the rest of the teardown bound: "
+        "the activity's close was abandoned and the turn detector's tasks were left.",
+    ),
+    FuzzFound(
+        "fuzz-tool-shutdown-zombie-timer",
+        "tool swallowing CancelledError, then a tool calls shutdown() (graceful)",
+        Schedule(FuzzSetup(), (Step("wait", 0), Step("user", "tool:swallow"), Step("user", "tool:shutdown"),
+                               Step("wait", 50))),
+        description="The zombie tool's speech ends only after the close, when the leftover "
+        "cancel reaches the tool's wrapper; its done callback sets the agent state listening "
+        "and re-arms upstream's user-away timer on the closed session (it fires 15 s later).",
+    ),
+    FuzzFound(
+        "fuzz-hangup-replaced-dead-sink",
+        "a reply into a dead sink, the caller hangs up (the sink replaced), teardown",
+        Schedule(FuzzSetup(dead_sink=True), (Step("wait", 0), Step("user", "text"), Step("wait", 0),
+                                             Step("hangup"), Step("wait", 50))),
+        description="The reply's AudioOutput.wait_for_playout task waits on the sink it "
+        "started on, which the hangup replaced before the close began: no output of the "
+        "session any more, so the layer did not count the task as working for the session "
+        "and it outlived the close.",
+    ),
+    FuzzFound(
+        "fuzz-stuck-task-stt-close-hang-tight-bound",
+        "a tool stuck in an AgentTask's on_enter, STT close hangs, close_timeout=0.6",
+        Schedule(FuzzSetup(close_timeout=0.6, stt_close="hang"), (Step("wait", 0), Step("user", "tool:stuck_task"),
+                                                                  Step("wait", 50))),
+        description="The hung STT stream's sweep used up the teardown bound, so the audio "
+        "recognition's close was abandoned before it closed the turn detector's stream; the "
+        "layer did not count that stream as working for the session, and its two tasks "
+        "outlived the close.",
     ),
 )  # fmt: skip
 

@@ -118,6 +118,10 @@ async def _closed_event(ctx: Ctx) -> None:
     close = closing_of(session, live_only=False)
     if close is not None and close.task is not None:
         await asyncio.wait({close.task})
+    task = session._closing_task  # a close a timer started after the wait began
+    if task is not None and not task.done():
+        # a livekit-agents patched by `upstream diff`: its close ends with its closing task
+        await asyncio.wait({task})
 
 
 def make_session(
