@@ -116,4 +116,4 @@ def test_verify_on_a_subset(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert code == 0, out
     assert "| tool-park-aclose" in out and "fixed" in out
-    assert "diff: 5 files" in out
+    assert "diff: 6 files" in out

@@ -54,6 +54,9 @@ def _changes() -> str:
                "out of the bookkeeping); the models closed even when the drain wedges (a hung "
                "stream's task cancelled again); completion of an abandoned close (the close event "
                "once, the tasks still working for the session cancelled).")  # fmt: skip
+    out.append("* `voice/_bounded_close_tasks.py` (new): what works for a closing session (its "
+               "activities, outputs, model streams and the tasks running on its behalf) and how "
+               "the close cancels it, lock-free and bounded by the caller.")  # fmt: skip
     return "\n".join(out) + "\n"
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 #: where upstream's repository keeps the package
 REPO_PREFIX = "livekit-agents/livekit/agents/"
 HELPER = "voice/_bounded_close.py"
+#: the new private modules: the close, and what works for the session (how it is cancelled)
+HELPERS = (HELPER, "voice/_bounded_close_tasks.py")
 #: the upstream-style regression tests, where upstream keeps its tests
 TESTS = "tests/test_bounded_close.py"
 TEMPLATE_DIR = Path(__file__).parent / "template"
@@ -208,9 +210,10 @@ def generate(root: Path | None = None, *, with_tests: bool = False) -> Patched:
     for rel in dict.fromkeys(t.file for t in TARGETS):
         old = (root / rel).read_text()
         files[REPO_PREFIX + rel] = (old, _rewrite(old, [t for t in TARGETS if t.file == rel]))
-    if (root / HELPER).exists():
-        raise UnsupportedRelease(f"{HELPER} exists already")
-    files[REPO_PREFIX + HELPER] = ("", (TEMPLATE_DIR / "_bounded_close.py").read_text())
+    for helper in HELPERS:
+        if (root / helper).exists():
+            raise UnsupportedRelease(f"{helper} exists already")
+        files[REPO_PREFIX + helper] = ("", (TEMPLATE_DIR / Path(helper).name).read_text())
     if with_tests:
         files[TESTS] = ("", TESTS_TEMPLATE.read_text())
     return Patched(files)

@@ -6,8 +6,8 @@ task, tool or hook that never settles, or one provider stream whose close waits 
 goodbye, kept the session and its provider connections open forever, and the ``close``
 event never came.
 
-Here every close path joins one closing task per session, which runs the close unchanged
-and watches it:
+Every close path joins one closing task per session, which runs the close unchanged and
+watches it (what works for the session, and how it is cancelled: ``_bounded_close_tasks``):
 
 * a forced close waits for the speech, tools and hooks at most ``DRAIN_TIMEOUT``; then
   they are cancelled without taking the activity lock (the drain holds it while it waits on
@@ -19,18 +19,17 @@ and watches it:
 * whatever the close did not reach is completed: the ``close`` event is emitted exactly
   once, and the tasks that still work for the session are cancelled.
 
-A healthy close is unchanged: graceful drains, the final-transcript wait and the close
-event run exactly as before.
-"""
+A healthy close is unchanged: graceful drains, the final-transcript wait, the close event."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from types import FrameType
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from . import _bounded_close_tasks as _tasks
 
 #: a forced close: how long the speech, tools and hooks may take before they are cancelled
 DRAIN_TIMEOUT = 5.0
@@ -131,166 +130,6 @@ def _closing_of(session: Any) -> _Close | None:
     return close if close is not None and not close.ended else None
 
 
-# -- what works for the session ---------------------------------------------------------
-
-
-def _activities(session: Any, close: _Close) -> list[Any]:
-    """The activities the close saw, the current one and the parents an ``AgentTask``
-    returns to, and a next activity a handoff is starting (all noted by the close)."""
-    from livekit.agents.voice.agent import AgentTask
-
-    out = list(close.activities)
-    act = session._activity
-    while act is not None and act not in out:
-        out.append(act)
-        old = act.agent._old_agent if isinstance(act.agent, AgentTask) else None
-        act = old._activity if old is not None else None
-    nxt = getattr(session, "_next_activity", None)
-    if nxt is not None and nxt not in out:
-        out.append(nxt)
-    for act in out:
-        close.note(act)  # one a cancelled handoff forgets is still closed at the end
-    return out
-
-
-def _outputs(session: Any) -> list[Any]:
-    out: list[Any] = []
-    for sink in (session.output.audio, session.output.transcription):
-        while sink is not None and sink not in out:
-            out.append(sink)
-            sink = getattr(sink, "next_in_chain", None)
-    return out
-
-
-def _frames(task: asyncio.Task[Any]) -> Iterator[FrameType]:
-    """The frames of the task's await chain (not into the tasks it awaits)."""
-    coro: Any = task.get_coro()
-    while coro is not None:
-        frame = (
-            getattr(coro, "cr_frame", None)
-            or getattr(coro, "gi_frame", None)
-            or getattr(coro, "ag_frame", None)
-        )
-        if frame is None:
-            return
-        yield frame
-        coro = (
-            getattr(coro, "cr_await", None)
-            or getattr(coro, "gi_yieldfrom", None)
-            or getattr(coro, "ag_await", None)
-        )
-
-
-def _works_for(task: asyncio.Task[Any], owned: set[int]) -> bool:
-    return any(id(f.f_locals.get("self")) in owned for f in _frames(task))
-
-
-def _tool_tasks(activity: Any) -> list[asyncio.Task[Any]]:
-    return [
-        rt.exe_task for rt in list(activity._tool_executor._running_tasks.values()) if not rt.exe_task.done()
-    ]
-
-
-def _forget_tools(activity: Any, tasks: set[asyncio.Task[Any]]) -> None:
-    """Take ``tasks`` out of the tool executor: its ``aclose`` neither waits for nor cancels them."""
-    running = activity._tool_executor._running_tasks
-    for call_id, rt in list(running.items()):
-        if rt.exe_task in tasks:
-            running.pop(call_id, None)
-
-
-def _unsettled(activity: Any) -> list[asyncio.Task[Any]]:
-    return [t for t in list(activity._speech_tasks) + _tool_tasks(activity) if not t.done()]
-
-
-def _force(close: _Close, activity: Any) -> None:
-    """Cancel the activity's speech, tool and scheduling tasks, taking no lock and awaiting
-    nothing: ``drain()`` holds the lock while it waits on exactly these."""
-    from livekit.agents.voice.agent import _get_activity_task_info
-
-    tasks = _unsettled(activity)
-    if (sched := activity._scheduling_atask) is not None:
-        tasks.append(sched)
-    close.owned += _outputs(activity._session)
-    for task in tasks:
-        info = _get_activity_task_info(task)
-        if info is not None and info.speech_handle is not None:
-            close.owned.append(info.speech_handle)  # its playout helpers work for the session
-            close.owned += _sinks_of(task)
-    close.cancel(tasks)
-
-
-def _sinks_of(task: asyncio.Task[Any]) -> list[Any]:
-    """The audio outputs a speech task plays into: one the caller's hang-up replaced is no
-    output of the session any more, yet a playout wait on it was started by this speech."""
-    from livekit.agents.voice import io
-
-    return [v for f in _frames(task) for v in list(f.f_locals.values()) if isinstance(v, io.AudioOutput)]
-
-
-def _quarantine(close: _Close, activity: Any) -> None:
-    """A forced task still running swallowed its cancellation: no wait of the close is
-    computed from it again (its tool entry dropped, its speech marked done)."""
-    from livekit.agents.voice.agent import _get_activity_task_info
-
-    stuck = [t for t in _unsettled(activity) if t in close.cancelled]
-    close.zombies.update(stuck)
-    _forget_tools(activity, close.zombies)
-    for task in stuck:
-        info = _get_activity_task_info(task)
-        if info is not None and info.speech_handle is not None and not info.speech_handle.done():
-            # interrupted first, as the interruption timeout finds a handle: a tool reply the
-            # zombie's speech still creates on it ends at once, not waiting for authorization
-            info.speech_handle.interrupt(force=True)
-            info.speech_handle._mark_done()
-
-
-async def _settle(close: _Close, tasks: list[asyncio.Task[Any]], timeout: float | None = None) -> None:
-    close.cancel(tasks)
-    pending = [t for t in tasks if not t.done() and t not in close.waiters]
-    if pending:
-        await asyncio.wait(pending, timeout=_grace() if timeout is None else timeout)
-        close.zombies.update(t for t in pending if not t.done())
-
-
-def _models(session: Any, close: _Close) -> set[int]:
-    holders = [session, *_activities(session, close)]
-    return {id(m) for h in holders for m in (h.stt, h.tts, h.llm) if m is not None}
-
-
-def _stream_tasks(session: Any, close: _Close) -> list[asyncio.Task[Any]]:
-    """The main tasks of the open provider streams of the session's models."""
-    from livekit.agents import llm, stt, tts
-
-    kinds = (stt.RecognizeStream, tts.SynthesizeStream, tts.ChunkedStream, llm.LLMStream)
-    models = _models(session, close)
-    out = []
-    for task in asyncio.all_tasks():
-        frame = next(_frames(task), None)
-        owner = frame.f_locals.get("self") if frame is not None else None
-        if task.done() or not isinstance(owner, kinds):
-            continue
-        model = getattr(owner, "_stt", None) or getattr(owner, "_tts", None) or getattr(owner, "_llm", None)
-        if id(model) in models:
-            out.append(task)
-    return out
-
-
-async def _sweep_streams(session: Any, close: _Close, deadline: float) -> None:
-    """Stop the streams still open: a stream whose close waits for a provider goodbye ends
-    on a second cancellation."""
-    tasks = _stream_tasks(session, close)
-    if not tasks:
-        return
-    for t in tasks:
-        t.cancel()
-    await asyncio.sleep(0)  # the first cancellation may only have started the goodbye wait
-    for t in tasks:
-        if not t.done():
-            t.cancel()
-    await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
-
-
 # -- AgentActivity ------------------------------------------------------------------------
 
 
@@ -306,9 +145,9 @@ async def drain_activity(activity: Any, unbounded: Unbounded, **kwargs: Any) -> 
     try:
         if not await close.wait(inner, close.drain_deadline):
             forced = True
-            _force(close, activity)
+            _tasks.force(close, activity)
             if not await close.wait_for(inner, _grace()):
-                _quarantine(close, activity)
+                _tasks.quarantine(close, activity)
                 await close.wait_for(inner, _grace())
     except asyncio.CancelledError:
         inner.cancel()
@@ -343,9 +182,9 @@ async def close_activity(activity: Any, unbounded: Unbounded) -> None:
         # a share of what is left, not a whole grace: a zombie tool the drain already forced
         # must not eat the time the activity's own close needs
         share = max(0.0, close.close_deadline() - time.monotonic()) / 4
-        await _settle(close, _tool_tasks(activity), timeout=min(_grace(), share))
-        _quarantine(close, activity)
-        _forget_tools(activity, close.waiters)  # a tool awaiting the close finishes after it
+        await _tasks.settle(close, _tasks.tool_tasks(activity), min(_grace(), share))
+        _tasks.quarantine(close, activity)
+        _tasks.forget_tools(activity, close.waiters)  # a tool awaiting the close finishes after it
     if id(activity) in close.held_lock or (activity._lock.locked() and close.forced_at is not None):
         activity._lock = asyncio.Lock()  # held by a drain parked on a zombie
     start = time.monotonic()
@@ -357,7 +196,7 @@ async def close_activity(activity: Any, unbounded: Unbounded) -> None:
             return close.close_deadline(reserve=3 * _grace())
 
         if not await close.wait(inner, lambda: min(sweep_at, last()) if close.forced_at else math.inf):
-            await _sweep_streams(session, close, min(time.monotonic() + _grace(), last()))
+            await _tasks.sweep_streams(session, close, min(time.monotonic() + _grace(), last()))
             if not await close.wait(inner, lambda: max(last(), time.monotonic())):
                 inner.cancel()
                 await asyncio.wait({inner}, timeout=_grace())
@@ -378,10 +217,10 @@ async def _complete_activity(close: _Close, activity: Any) -> None:
         step = asyncio.ensure_future(recognition._aclose())
         if not await close.wait_for(step, _grace()):
             step.cancel()
-    rest = _unsettled(activity)
+    rest = _tasks.unsettled(activity)
     if (sched := activity._scheduling_atask) is not None:
         rest.append(sched)
-    await _settle(close, rest)
+    await _tasks.settle(close, rest, _grace())
     if activity.agent._activity is activity:
         activity.agent._activity = None
 
@@ -410,7 +249,7 @@ async def close_session(session: Any, unbounded: Unbounded, *, reason: Any, drai
         close = _Close(graceful=drain, transcript_timeout=session._opts.session_close_transcript_timeout)
         close.was_started = bool(session._started) or session._lock.locked()
         session.__dict__[_STATE] = close
-        close.owned += _outputs(session)
+        close.owned += _tasks.outputs(session)
         close.task = asyncio.create_task(
             _run(session, close, unbounded, reason=reason, drain=drain, error=error),
             name="AgentSession.close",
@@ -419,33 +258,12 @@ async def close_session(session: Any, unbounded: Unbounded, *, reason: Any, drai
         close.escalate()
     assert close.task is not None
     me = asyncio.current_task()
-    _exempt(session, close, me)
+    _tasks.exempt(session, close, me)
     try:
         await asyncio.shield(close.task)
     finally:
         if me is not None:
             close.waiters.discard(me)
-
-
-def _exempt(session: Any, close: _Close, me: asyncio.Task[Any] | None) -> None:
-    """A tool (or speech) awaiting its own session's close must not be waited for by the
-    close: that is an await cycle. Its speech is marked done, as the interruption
-    timeout would."""
-    from livekit.agents.voice.agent import _get_activity_task_info
-    from livekit.agents.voice.agent_activity import _AgentActivityContextVar
-
-    if me is None or me is close.task:
-        return
-    close.waiters.add(me)
-    activity = _AgentActivityContextVar.get(None)
-    if activity is None or activity._session is not session or activity._closed:
-        return
-    activity._add_drain_blocked_tasks([me])
-    info = _get_activity_task_info(me)
-    handle = info.speech_handle if info is not None else None
-    if handle is not None and not handle.done():
-        handle.interrupt(force=True)
-        handle._mark_done()
 
 
 async def _run(
@@ -479,12 +297,16 @@ async def _wait_for_start(session: Any, close: _Close) -> None:
         lock.release()
         return
     owned = {id(session)}
-    starting = [t for t in asyncio.all_tasks() if t is not close.task and _works_for(t, owned)]
+    starting = [t for t in asyncio.all_tasks() if t is not close.task and _tasks.works_for(t, owned)]
     close.cancel(
-        [t for t in starting if any(f.f_code.co_name.startswith("_update_activity") for f in _frames(t))]
+        [
+            t
+            for t in starting
+            if any(f.f_code.co_name.startswith("_update_activity") for f in _tasks.frames(t))
+        ]
     )
-    for act in _activities(session, close):
-        _force(close, act)
+    for act in _tasks.activities(session, close):
+        _tasks.force(close, act)
     if await close.wait_for(acquire, _grace()):
         lock.release()
     else:
@@ -497,11 +319,11 @@ async def _watch(session: Any, close: _Close, upstream: asyncio.Future[Any]) -> 
     deadline, the close is abandoned and completed by :func:`_finish`."""
     if await close.wait(upstream, close.drain_deadline):
         return
-    for act in _activities(session, close):
-        _force(close, act)
+    for act in _tasks.activities(session, close):
+        _tasks.force(close, act)
     if not await close.wait_for(upstream, _grace()):
-        for act in _activities(session, close):
-            _quarantine(close, act)
+        for act in _tasks.activities(session, close):
+            _tasks.quarantine(close, act)
     if not await close.wait(upstream, lambda: close.close_deadline(reserve=2 * _grace())):
         upstream.cancel()
         await asyncio.wait({upstream}, timeout=_grace())
@@ -518,7 +340,7 @@ async def _finish(session: Any, close: _Close, *, reason: Any, error: Any) -> No
             await asyncio.wait({close.upstream}, timeout=_grace())
         clean = close.upstream is not None and close.upstream.done() and not close.upstream.cancelled()
         clean = clean and not close.cancelled and not close.zombies
-        for act in _activities(session, close):
+        for act in _tasks.activities(session, close):
             if not act._closed:
                 close.escalate()
                 await close_activity(act, act._aclose_unbounded)
@@ -530,7 +352,7 @@ async def _finish(session: Any, close: _Close, *, reason: Any, error: Any) -> No
             session._started = False
             session.emit("close", CloseEvent(error=error, reason=reason))
         if await _stop_leftovers(session, close) or not clean:
-            await _sweep_streams(session, close, time.monotonic() + _grace())
+            await _tasks.sweep_streams(session, close, time.monotonic() + _grace())
     finally:
         session._closing_task = None
         if not session._started:
@@ -543,17 +365,10 @@ async def _stop_leftovers(session: Any, close: _Close) -> bool:
     """Cancel what still works for the session (a graceful close first lets it finish
     within its bound); spared: the close itself, the known zombies and the close's waiters.
     True when anything was left."""
-    objs: list[Any] = [session, *close.owned, *_outputs(session)]
-    for act in _activities(session, close):
-        recognition = act._audio_recognition
-        objs += [act, act.agent, recognition, act._tool_executor, act._rt_session]
-        objs.append(getattr(recognition, "_stt_pipeline", None))
-    owned = {id(o) for o in objs if o is not None}
-    mine = {close.task, close.upstream, asyncio.current_task()} | close.zombies | close.waiters
-    leftover = [t for t in asyncio.all_tasks() if t not in mine and not t.done() and _works_for(t, owned)]
+    leftover = _tasks.leftovers(session, close)
     if leftover and close.forced_at is None:  # a drain-blocked hook, say
         await asyncio.wait(leftover, timeout=max(0.0, close.t0 + GRACEFUL_TIMEOUT - time.monotonic()))
-    await _settle(close, leftover)
+    await _tasks.settle(close, leftover, _grace())
     return bool(leftover)
 
 
