@@ -170,6 +170,21 @@ def _note_handoff(session: Any, fut: asyncio.Future[Any]) -> None:
         note_handed_over(session, handoff_parts(fut.result()))
 
 
+def wrap_detach_reusable_resources(original: Method, _options: Any) -> Method:
+    """Patch-table factory for ``AgentActivity._detach_reusable_resources``: what one activity
+    hands to the next (a handoff's drain, entering an ``AgentTask``'s pause) is noted as the
+    session's the moment it is detached, so a close that cuts the hand-over short still sees
+    the STT pipeline and its stream (held by no activity then)."""
+
+    @functools.wraps(original)
+    async def _detach_reusable_resources(self: Any, *args: Any, **kwargs: Any) -> Any:
+        resources = await original(self, *args, **kwargs)
+        note_handed_over(self._session, handoff_parts(resources))
+        return resources
+
+    return _detach_reusable_resources
+
+
 def wrap_aclose(original: Method, _options: Any) -> Method:
     """Patch-table factory for ``AgentActivity.aclose``."""
 

@@ -50,6 +50,7 @@ CORE: tuple[R, ...] = (
     R("core", ACTIVITY, "_rt_session", "init_attr", optional=True),
     R("core", RECOGNITION, "_stt_pipeline", "init_attr", optional=True),
     # what a handoff's drain hands to the next activity (1.7.0+; adapters.handoff_parts)
+    R("core", ACTIVITY, "_detach_reusable_resources", "method", ("new_activity",), optional=True),
     *(R("core", REUSABLE, name, "field", optional=True)
       for name in ("stt_pipeline", "rt_session", "turn_detector_stream")),
     R("core", RECOGNITION, "_turn_detector_stream", "init_attr", optional=True),

@@ -35,6 +35,10 @@ PATCHES: tuple[Patch, ...] = (
     Patch(CORE, ACTIVITY, "drain", "livekit_safeclose.activity:wrap_drain",
           "while its session closes: bounded by the drain deadline, then the activity's tasks "
           "are force-cancelled lock-free and the cancellation absorbed"),
+    Patch(CORE, ACTIVITY, "_detach_reusable_resources",
+          "livekit_safeclose.activity:wrap_detach_reusable_resources",
+          "what it hands to the next activity (a handoff, an AgentTask) is noted as the session's",
+          if_present=True),
     Patch(CORE, ACTIVITY, "aclose", "livekit_safeclose.activity:wrap_aclose",
           "when force-closing: every tool cancelled first, upstream's body watched, streams "
           "stopped if a model close hangs"),
