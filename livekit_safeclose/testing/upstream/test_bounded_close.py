@@ -1,11 +1,8 @@
-"""Every close of an AgentSession is bounded and complete: one test per hang class.
-
-Each test starts a real AgentSession on scripted fakes (FakeSTT / FakeLLM / FakeTTS, a
-silent audio input, an audio output that plays instantly or, for a caller who hung up,
-never), engages one fault, closes the session along one close path and asserts that the
-close returned within its bound, emitted exactly one ``close`` event and left no provider
-stream open. Without ``voice/_bounded_close.py`` each of them hangs.
-"""
+"""Every close of an AgentSession is bounded and complete: one test per hang class. Each
+starts a real AgentSession on scripted fakes (FakeSTT/FakeLLM/FakeTTS, silent input, an output
+that plays instantly or, for a caller who hung up, never), engages one fault, closes along one
+path and asserts the bound, exactly one ``close`` event and no provider stream left open.
+Without ``voice/_bounded_close.py`` each of them hangs."""
 
 from __future__ import annotations
 
@@ -40,26 +37,20 @@ except ImportError:  # without the fix: every test below fails on its bound
 
 pytestmark = pytest.mark.asyncio
 
-DRAIN_TIMEOUT = 0.2
-CLOSE_TIMEOUT = 1.0
-GRACEFUL_TIMEOUT = 0.5
-#: slack for a loaded CI machine
-SLACK = 0.5
+DRAIN_TIMEOUT, CLOSE_TIMEOUT, GRACEFUL_TIMEOUT = 0.2, 1.0, 0.5
+SLACK = 0.5  # for a loaded CI machine
 SAMPLE_RATE = 16000
 
 
 @pytest.fixture(autouse=True)
 def _short_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    if _bounded_close is None:
-        return
-    monkeypatch.setattr(_bounded_close, "DRAIN_TIMEOUT", DRAIN_TIMEOUT)
-    monkeypatch.setattr(_bounded_close, "CLOSE_TIMEOUT", CLOSE_TIMEOUT)
-    monkeypatch.setattr(_bounded_close, "GRACEFUL_TIMEOUT", GRACEFUL_TIMEOUT)
+    for name, value in (("DRAIN", DRAIN_TIMEOUT), ("CLOSE", CLOSE_TIMEOUT), ("GRACEFUL", GRACEFUL_TIMEOUT)):
+        if _bounded_close is not None:
+            monkeypatch.setattr(_bounded_close, f"{name}_TIMEOUT", value)
 
 
 class Provider:
-    """Streams open at the (fake) provider; ``hang`` makes a cancelled stream wait for a
-    goodbye that never comes (a second cancellation ends it)."""
+    """Streams open at the fake provider; ``hang``: a cancelled stream waits for a goodbye."""
 
     def __init__(self) -> None:
         self.open = 0
@@ -209,14 +200,15 @@ class FakeAudioOutput(io.AudioOutput):
 
     def flush(self) -> None:
         super().flush()
-        if self._playing and not self.dead:
-            self._playing = False
-            self.on_playback_finished(playback_position=0.1, interrupted=False)
+        self._finish(interrupted=False)
 
     def clear_buffer(self) -> None:
+        self._finish(interrupted=True)
+
+    def _finish(self, *, interrupted: bool) -> None:
         if self._playing and not self.dead:
             self._playing = False
-            self.on_playback_finished(playback_position=0.0, interrupted=True)
+            self.on_playback_finished(playback_position=0.0 if interrupted else 0.1, interrupted=interrupted)
 
 
 class HangingToolset(llm.Toolset):
