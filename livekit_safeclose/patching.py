@@ -52,7 +52,8 @@ class Patch:
     #: ``"module:function"`` called with no arguments right after the row is reverted: for
     #: state that lives outside the attribute (a signal handler installed at the OS level)
     on_revert: str | None = None
-    #: the owner exists only on some releases (a beta tool): skipped where it is absent
+    #: the owner, or the attribute on it, exists only on some releases (a beta tool, a
+    #: method added later): skipped where it is absent
     if_present: bool = False
     #: the owner's module is an optional extra that is slow to import: never imported for
     #: the row, which is applied once the module is (by :func:`apply` or :func:`catch_up`)
@@ -120,6 +121,8 @@ def _apply_row(row: Patch, options: Options) -> None:
         if row.if_present:
             return
         raise
+    if row.if_present and not hasattr(owner, row.attribute):
+        return
     saved, replacement = _make(row, owner, options)
     setattr(owner, row.attribute, replacement)
     _applied[row] = _Applied(owner, saved, replacement, options)

@@ -350,6 +350,23 @@ def test_a_row_for_one_form_is_applied_only_where_the_release_has_that_form(
     assert AgentActivity.__dict__["_pause_scheduling_task"] is original
 
 
+def test_an_if_present_row_whose_method_a_release_lacks_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``AgentActivity._detach_reusable_resources`` is missing on 1.5.0: ``install()`` skips
+    its row there instead of failing (the version matrix found it) and installs the rest."""
+    from livekit.agents.voice.agent_activity import AgentActivity
+
+    row = next(r for r in PATCHES if r.attribute == "_detach_reusable_resources")
+    assert row.if_present
+    monkeypatch.delattr(AgentActivity, "_detach_reusable_resources")
+    lsc.install()
+    try:
+        assert not patching.is_applied(row)
+        assert not hasattr(AgentActivity, "_detach_reusable_resources")
+        assert lsc.is_installed()
+    finally:
+        lsc.uninstall()
+
+
 def test_every_module_imports_without_livekit_agents() -> None:
     """Importing the package or any module must not fail on another release: no module
     touches a livekit-agents internal at import time. Proven by importing each one with
