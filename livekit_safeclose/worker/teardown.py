@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from .. import patching
+from .. import metrics, patching
 from ..options import Options
 from ..report import stuck_task
 from ..stacks import parked_at
@@ -142,9 +142,21 @@ async def _kill_if_alive(proc: Any, bound: float) -> None:
     )
 
 
+def _forget_if_exited(proc: Any) -> None:
+    pid = getattr(proc, "pid", None)
+    if pid and getattr(proc, "exitcode", None) is not None:
+        try:
+            metrics.forget_process(pid)
+        except OSError:  # a directory removed under a running worker: nothing to forget
+            logger.debug("could not drop the gauges of job process %s", pid, exc_info=True)
+
+
 def wrap_supervise_task(original: Callable[..., Any], _options: Options) -> Callable[..., Any]:
     """Patch-table factory for ``SupervisedProc._supervise_task``: once the process said
-    ``ShuttingDown``, it is killed if still alive ``teardown_bound(close_timeout)`` later."""
+    ``ShuttingDown``, it is killed if still alive ``teardown_bound(close_timeout)`` later.
+    Once it exited, its live gauges are dropped in multiprocess mode (prometheus_client
+    keeps a dead process's ``gauge_live*_<pid>.db`` until told: upstream's job gauges and
+    the layer's would count it, and the directory grows by one file per job, forever)."""
 
     @functools.wraps(original)
     async def _supervise_task(self: Any) -> None:
@@ -169,5 +181,6 @@ def wrap_supervise_task(original: Callable[..., Any], _options: Options) -> Call
             self._shutting_down_fut.remove_done_callback(_arm)
             for timer in timers:
                 timer.cancel()
+            _forget_if_exited(self)
 
     return _supervise_task

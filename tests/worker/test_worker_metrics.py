@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from worker_harness import API_KEY, API_SECRET, WorkerProcess
 
@@ -113,3 +114,51 @@ def test_layer_forced_close_in_job_reaches_worker_metrics(scrapes: dict[bool, Sc
     assert s.value("lk_safeclose_zombie_tasks") == 0.0
     # the job's session closed its STT/TTS/LLM streams: the live gauge is back to 0
     assert s.value("lk_safeclose_open_streams") == 0.0
+
+
+def _gauges_after_job_exit(patched: bool, tmp: Path) -> tuple[list[str], list[str]]:
+    """A short healthy job in multiprocess mode: the job process's live-gauge files while it
+    runs, and once it has exited."""
+    prom_dir = tmp / f"prom-exit-{'layer' if patched else 'vanilla'}"
+    prom_dir.mkdir()
+    log = tmp / f"exit-{'layer' if patched else 'vanilla'}.log"
+    with ProviderServer() as prov, DispatchServer(api_key=API_KEY, api_secret=API_SECRET) as d:
+        env = {
+            "SC_LAYER": "1" if patched else "",
+            "SC_PROVIDER": prov.base_url,
+            "SC_MODE": "healthy",
+            "SC_JOB_SECONDS": "1",
+            "SC_PROM_DIR": str(prom_dir),
+            "PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
+        }
+        with WorkerProcess("session_agent.py", d.url, log, env=env) as w:
+            d.wait_registered(45)
+            job = d.offer_job(10)
+            started = w.wait_mark(f"session_started {job.job_id}", 30)
+            assert started, f"the job never started its session; see {log}"
+            pid = started.pid
+            live = sorted(p.name for p in prom_dir.glob(f"gauge_live*_{pid}.db"))
+            assert w.wait_mark(f"job_end {job.job_id}", 15), f"the job never ended; see {log}"
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and psutil.pid_exists(pid):
+                time.sleep(0.1)
+            assert not psutil.pid_exists(pid), "the job process never exited"
+            time.sleep(1.0)  # the worker's supervisor sees the exit (a hang is a hang)
+            left = sorted(p.name for p in prom_dir.glob(f"gauge_live*_{pid}.db"))
+            return live, left
+
+
+@pytest.mark.timeout(120)
+def test_dead_job_process_gauges_are_dropped(tmp_path: Path) -> None:
+    """prometheus_client keeps a dead process's live-gauge file until told. A vanilla job
+    process writes none; the layer's job writes its stream gauge (``livesum``), so without
+    the drop every job would leave a file in the multiprocess directory, its last values
+    still summed into ``lk_safeclose_open_streams``. The layer leaves what vanilla leaves."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {
+            patched: pool.submit(_gauges_after_job_exit, patched, tmp_path) for patched in (False, True)
+        }
+        (v_live, v_left), (l_live, l_left) = futures[False].result(), futures[True].result()
+    assert v_live == v_left == [], (v_live, v_left)
+    assert l_live, "the layer's job wrote no live gauge: nothing was tested"
+    assert l_left == [], l_left
