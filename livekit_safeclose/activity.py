@@ -131,10 +131,7 @@ def wrap_drain(original: Method, _options: Any) -> Method:
         close.touch(self)
         start = time.monotonic()
         inner = asyncio.ensure_future(original(self, *args, **kwargs))
-        inner.add_done_callback(lambda f: _note_handoff(self._session, f))
-        # upstream detaches the outputs right after the drain: a sink set during the close
-        # (the caller hung up) is seen only now, and a playout wait on it works for the session
-        inner.add_done_callback(lambda _: close.io_objects.update(outputs_of(self._session)))
+        inner.add_done_callback(functools.partial(_drained, close, self._session))
         forced = False
         try:
             if not await close.wait_phase(inner, drain=True):
@@ -165,9 +162,13 @@ def wrap_drain(original: Method, _options: Any) -> Method:
     return drain
 
 
-def _note_handoff(session: Any, fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
+def _drained(close: BoundedClose, session: Any, fut: asyncio.Future[Any]) -> None:
+    """Upstream's drain ended: what it hands over is the session's, and the outputs are
+    noted (upstream detaches them right after the drain: a sink set during the close, the
+    caller hung up, is seen only now, and a playout wait on it works for the session)."""
+    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
         note_handed_over(session, handoff_parts(fut.result()))
+    close.io_objects.update(outputs_of(session))
 
 
 def wrap_detach_reusable_resources(original: Method, _options: Any) -> Method:
@@ -257,10 +258,13 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
     # server. A share of what is left, not a whole grace: a zombie tool the drain forced
     # must not eat the time the activity's own close needs
     tools = tool_tasks(activity) + toolsets.tool_tasks(activity)
-    await close.settle("tools.cancel", tools, deadline=close.drain_grace())
+    if tools:
+        await close.settle("tools.cancel", tools, deadline=close.drain_grace())
     quarantine(close, activity)
-    toolsets.forget(activity, close.zombies)
-    spare_waiters(close, activity)
+    if close.zombies:
+        toolsets.forget(activity, close.zombies)
+    if close.waiters:
+        spare_waiters(close, activity)
     if close.abandoned_in == "drain" and activity._lock.locked():
         # upstream's close was abandoned in its drain, and that drain, parked on a zombie,
         # still holds the lock: the same as a drain this wrapper abandoned itself

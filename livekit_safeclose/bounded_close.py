@@ -97,13 +97,14 @@ class BoundedClose(CloseBookkeeping):
         self.phase: Phase = "drain"
         self._phase_started = self.t0
         self._phases: dict[str, float] = {"drain": self.t0}  # monotonic, rounded in the report
-        # replaced (and the old one resolved) whenever a bound moves earlier, and the phase
-        # one whenever the phase moves: every waiter holds the future it started with, so
-        # one waking waiter cannot hide it. Plain futures, not Events: waiting on one needs
-        # no task of its own. A bound that moves later wakes nobody: a waiter that times
-        # out re-reads its bound before it gives up
+        # the waits on a bound (see wait_phase), each ``[which bound, wake, its timer]``: a
+        # bound that moves earlier re-arms their timers (waking nobody); one that moves
+        # later leaves them: a waiter whose timer fires re-reads its bound before it gives
+        # up. The phase future is replaced (and the old one resolved) whenever the phase
+        # moves: every waiter holds the one it started with. Plain futures, not Events:
+        # waiting on one needs no task of its own
         self._loop = asyncio.get_running_loop()
-        self._changed: asyncio.Future[None] = self._loop.create_future()
+        self._bound_waits: list[list[Any]] = []
         self._phase_moved: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None  # the shared closing task
         self.upstream: asyncio.Future[None] | None = None  # upstream's close, watched
@@ -119,9 +120,11 @@ class BoundedClose(CloseBookkeeping):
         self.close_deadline = math.inf
         self.escalated_by: str | None = None
         self._graceful_timer: asyncio.TimerHandle | None = None
+        self._bound_now: tuple[float, float] = (math.inf, math.inf)
         if not graceful:
             self.drain_deadline = self.t0 + self.drain_budget()
             self.close_deadline = self.t0 + options.close_timeout
+            self._rebound()
         elif options.graceful_timeout is not None:
             # a goodbye into a caller who already hung up never plays out: past this bound
             # the graceful close becomes a forced one
@@ -160,38 +163,49 @@ class BoundedClose(CloseBookkeeping):
         self.escalated_by = by
         self.drain_deadline = min(self.drain_deadline, now + self.drain_budget())
         self.close_deadline = min(self.close_deadline, now + self.options.close_timeout)
-        self._notify()
+        self._rebound()
+        self._retarget()
 
     def cut_drain(self) -> None:
         """What the drain phase still waits on gets only the unwind grace from now."""
         self.drain_deadline = min(self.drain_deadline, self.grace())
-        self._notify()
+        self._rebound()
+        self._retarget()
 
     def enter_phase(self, phase: Phase) -> None:
         """Upstream's close moved on; leaving a graceful drain starts the close bound."""
         if phase == self.phase:
             return
         now = time.monotonic()
-        before = self._bounds()
+        before = self._bound_now[0]
         self.phase, self._phase_started = phase, now
         self._phases.setdefault(phase, now)
-        if math.isinf(self.close_deadline):
+        if self.close_deadline == math.inf:
             self.close_deadline = now + self.options.close_timeout
             self.drain_deadline = now
-        after = self._bounds()
-        if after[0] < before[0] or after[1] < before[1]:
-            self._notify()
+        self._rebound()
+        # only the phase's bound can have moved earlier: the drain bound moves here only
+        # when leaving a graceful drain, where it was no bound (and still is none while
+        # graceful), and the phase's bound was none either
+        if self._bound_now[0] < before:
+            self._retarget()
         if self._phase_moved is not None:
             moved, self._phase_moved = self._phase_moved, None
             moved.set_result(None)
 
-    def _notify(self) -> None:
-        old, self._changed = self._changed, self._loop.create_future()
-        old.set_result(None)
+    def _retarget(self) -> None:
+        """A bound moved earlier: every wait on a bound is re-armed at its new value."""
+        for wait in self._bound_waits:
+            which, wake, timer = wait
+            if timer is not None:
+                timer.cancel()
+            bound = self._bound_now[which]
+            wait[2] = None if bound == math.inf else self._loop.call_later(self.left(bound), wake)
 
-    def _bounds(self) -> tuple[float, float]:
-        """What waiters wait until: the bound of the current phase, and the drain bound."""
-        return self.phase_deadline(), math.inf if self.graceful else self.drain_deadline
+    def _rebound(self) -> None:
+        """Recompute what waiters wait until (every change of a bound, the phase or the
+        mode comes through here; waiters read it on every wake)."""
+        self._bound_now = (self.phase_deadline(), math.inf if self.graceful else self.drain_deadline)
 
     def steps_deadline(self) -> float:
         """Where every teardown step must have ended."""
@@ -227,10 +241,13 @@ class BoundedClose(CloseBookkeeping):
         return min(self.grace(), now + max(0.0, self.steps_deadline() - now) / 4)
 
     # -- waiting -------------------------------------------------------------------------
-    async def _first(self, futs: tuple[asyncio.Future[Any], ...], deadline: float) -> None:
+    async def _first(
+        self, futs: tuple[asyncio.Future[Any], ...], deadline: float, bound: int | None = None
+    ) -> None:
         """Until one of ``futs`` is done or ``deadline`` passed; cancels none of them. What
         ``asyncio.wait(..., return_when=FIRST_COMPLETED)`` does, with one future and one
-        timer (every wait of every close goes through here)."""
+        timer (every wait of every close goes through here). ``bound``: ``deadline`` is that
+        bound of the close (0: the phase's, 1: the drain's), re-armed when it moves earlier."""
         loop = self._loop
         waiter: asyncio.Future[None] = loop.create_future()
 
@@ -240,12 +257,20 @@ class BoundedClose(CloseBookkeeping):
 
         for f in futs:
             f.add_done_callback(wake)
-        timer = None if math.isinf(deadline) else loop.call_later(self.left(deadline), wake)
+        wait: list[Any] = [
+            bound,
+            wake,
+            None if deadline == math.inf else loop.call_later(self.left(deadline), wake),
+        ]
+        if bound is not None:
+            self._bound_waits.append(wait)
         try:
             await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
+            if bound is not None:
+                self._bound_waits.remove(wait)
+            if wait[2] is not None:
+                wait[2].cancel()
             for f in futs:
                 f.remove_done_callback(wake)
 
@@ -261,11 +286,10 @@ class BoundedClose(CloseBookkeeping):
         phase). True when ``fut`` finished, False when the bound passed."""
         which = 1 if drain else 0
         while not fut.done():
-            changed = self._changed
-            await self._first((fut, changed), self._bounds()[which])
+            await self._first((fut,), self._bound_now[which], which)
             if fut.done():
                 break
-            if not changed.done() and self._bounds()[which] <= time.monotonic():
+            if self._bound_now[which] <= time.monotonic():
                 return False
         return True
 

@@ -30,6 +30,7 @@ from . import streams as streams_mod
 from .activity import force, settle_drain_phase
 from .adapters import add_drain_blocked, start_tasks, transcript_timeout
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
+from .completion import disarm_when_done, finish, finish_now
 from .locks import free_within
 from .ownership import activities_of, note_started, outputs_of
 from .patch_table import PATCHES
@@ -252,8 +253,6 @@ def _disarm_after(session: Any, me: asyncio.Task[Any]) -> None:
     closes many sessions must not keep them alive."""
     from livekit.agents.voice.agent import _get_activity_task_info
 
-    from .completion import disarm_when_done
-
     info = _get_activity_task_info(me)
     handle = info.speech_handle if info is not None else None
     if handle is not None:
@@ -265,7 +264,6 @@ async def _closing_main(
 ) -> None:
     """The body of the shared closing task: upstream's close, watched, and the completion
     in a ``finally`` that outside cancellation cannot skip."""
-    from .completion import finish, finish_now
 
     def _on_close(_: Any) -> None:
         close.close_emitted = True

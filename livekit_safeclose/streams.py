@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -158,7 +159,11 @@ def _attribute(session: Any) -> None:
     orphans = [e for e in list(_open.values()) if e.session_ref is None]
     if not orphans:
         return
-    owned = objects_of(session, _activities_of_close(session))
+    acts = _activities_of_close(session)
+    orphans = [e for e in orphans if not _made_by_recognition(e, session, acts)]
+    if not orphans:
+        return
+    owned = objects_of(session, acts)
     for entry in orphans:
         creator = entry.creator() if entry.creator is not None else None
         if id(entry.stream) in owned or (
@@ -166,6 +171,29 @@ def _attribute(session: Any) -> None:
         ):
             entry.session_ref = weakref.ref(session)
             _sessions.add(session)
+
+
+def _made_by_recognition(entry: OpenStream, session: Any, acts: list[Any]) -> bool:
+    """The common case, decided from the creator's outermost frames (a decorator's wrapper
+    may come first): the stream was made by a method of the session's own audio recognition
+    or its STT pipeline (the STT pump). Then it is given the session."""
+    creator = entry.creator() if entry.creator is not None else None
+    if creator is None or creator.done():
+        return False
+    parts = []
+    for act in [*acts, session._activity]:
+        recognition = getattr(act, "_audio_recognition", None)
+        if recognition is not None:
+            parts += [recognition, getattr(recognition, "_stt_pipeline", None)]
+    for frame in itertools.islice(stacks.frames(creator, into_tasks=False), 3):
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            maker = frame.f_locals.get("self")
+            if any(maker is p for p in parts if p is not None):
+                entry.session_ref = weakref.ref(session)
+                _sessions.add(session)
+                return True
+    return False
 
 
 def _activities_of_close(session: Any) -> list[Any]:
