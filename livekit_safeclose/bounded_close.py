@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 from . import streams as streams_mod
@@ -81,7 +80,7 @@ class BoundedClose(CloseBookkeeping):
     def __init__(
         self,
         *,
-        session_label: str,
+        session_label: str | Callable[[], str],
         options: Options,
         reason: str,
         graceful: bool,
@@ -94,10 +93,10 @@ class BoundedClose(CloseBookkeeping):
         self.transcript_timeout = transcript_timeout
         # the bounds run from the request: a closing task made by shutdown() may start late
         self.t0 = time.monotonic() if requested_at is None else min(requested_at, time.monotonic())
-        self._label, self._reason, self._drain_requested = session_label, reason, graceful
+        self._label, self.reason, self._drain_requested = session_label, reason, graceful
         self.phase: Phase = "drain"
         self._phase_started = self.t0
-        self._phases: dict[str, float] = {"drain": 0.0}
+        self._phases: dict[str, float] = {"drain": self.t0}  # monotonic, rounded in the report
         # replaced (and the old one resolved) whenever a bound moves earlier, and the phase
         # one whenever the phase moves: every waiter holds the future it started with, so
         # one waking waiter cannot hide it. Plain futures, not Events: waiting on one needs
@@ -108,14 +107,13 @@ class BoundedClose(CloseBookkeeping):
         self._phase_moved: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None  # the shared closing task
         self.upstream: asyncio.Future[None] | None = None  # upstream's close, watched
-        # outputs (before detached) and speech handles: their helper tasks work for the session
-        self.io_objects: weakref.WeakSet[Any] = weakref.WeakSet()
         self.held_by_abandoned_drain: set[int] = set()  # ids of activities
         self.close_emitted = False
         self.was_started = False  # the session was started (or starting) when the close began
         self.interrupted_start = False  # the close cancelled what start() waited on
         self.abandoned_in: Phase | None = None  # where upstream's close was abandoned
         self.ended = False  # the completion ran: the close no longer acts
+        self._ended_at: float | None = None
         self.escalated_ms: float | None = None
         self.drain_deadline = math.inf
         self.close_deadline = math.inf
@@ -176,7 +174,7 @@ class BoundedClose(CloseBookkeeping):
         now = time.monotonic()
         before = self._bounds()
         self.phase, self._phase_started = phase, now
-        self._phases.setdefault(phase, round((now - self.t0) * 1000, 1))
+        self._phases.setdefault(phase, now)
         if math.isinf(self.close_deadline):
             self.close_deadline = now + self.options.close_timeout
             self.drain_deadline = now
@@ -328,16 +326,21 @@ class BoundedClose(CloseBookkeeping):
         self.pending.clear()
 
     # -- streams -----------------------------------------------------------------------------
-    async def sweep_streams(self, session: Any, deadline: float) -> None:
+    async def sweep_streams(
+        self, session: Any, deadline: float, entries: list[streams_mod.OpenStream] | None = None
+    ) -> bool:
         """Stop the session's provider streams that are still open: cancel each stream's
         main task, and once more a slice of the time later, then wait until ``deadline``.
         A stream whose close waits for a provider goodbye ends at the second cancellation
         (the first one only started that wait when nobody closed the stream before: its
         speech was cancelled, not interrupted); one that swallows every cancellation is
-        reported."""
-        leftover = [e for e in streams_mod.streams_of(session) if not e.task.done()]
+        reported. ``entries``: the session's streams, when just matched. True when it had
+        some to stop."""
+        if entries is None:
+            entries = streams_mod.streams_of(session)
+        leftover = [e for e in entries if not e.task.done()]
         if not leftover:
-            return
+            return False
         start = time.monotonic()
         tasks = {e.task for e in leftover}
         for e in leftover:
@@ -352,36 +355,50 @@ class BoundedClose(CloseBookkeeping):
         outcome: StepOutcome = "done" if len(closed) == len(leftover) else "timeout"
         self.record("streams.sweep", start, outcome, f"{len(closed)}/{len(leftover)} stopped")
         self.forced = True
+        return True
 
     # -- output --------------------------------------------------------------------------------
     def end(self) -> None:
         """The close is over: it no longer acts, and its timer is gone."""
         self.ended = True
+        self._ended_at = time.monotonic()
         if self._graceful_timer is not None:
             self._graceful_timer.cancel()
             self._graceful_timer = None
+        self.release()
+
+    def was_forced(self) -> bool:
+        """What the report's ``forced`` says: a bound was hit, or something was left."""
+        return self.forced or bool(self._abandoned or self._left_open)
+
+    def duration(self) -> float:
+        """Seconds from the request to the end of the close (or to now, while it runs)."""
+        return (time.monotonic() if self._ended_at is None else self._ended_at) - self.t0
 
     def report(self, *, completed: bool) -> CloseReport:
-        """The close report, built once the close ended."""
+        """The close report. Built from the raw record only when read (a healthy close's
+        report usually never is): the figures are those of the close's end."""
+        ended = time.monotonic() if self._ended_at is None else self._ended_at
+        label = self._label if isinstance(self._label, str) else self._label()
         return CloseReport(
-            session=self._label,
-            reason=self._reason,
+            session=label,
+            reason=self.reason,
             drain_requested=self._drain_requested,
             drain_timeout=self.options.drain_timeout,
             close_timeout=self.options.close_timeout,
             started_at=time.time() - (time.monotonic() - self.t0),
-            duration_ms=round((time.monotonic() - self.t0) * 1000, 1),
-            forced=self.forced or bool(self._abandoned or self._left_open),
+            duration_ms=round((ended - self.t0) * 1000, 1),
+            forced=self.was_forced(),
             escalated=self.escalated_ms is not None,
             completed=completed,
-            steps=list(self._steps),
+            steps=self.steps(),
             stuck=list(self._stuck.values()),
             cancelled=list(self._cancelled),
             abandoned=list(self._abandoned),
-            torn_down=list(self._torn_down),
+            torn_down=self.torn_down(),
             streams_closed_by_force=list(self._swept),
             streams_left_open=list(self._left_open),
-            phases=dict(self._phases),
+            phases={k: round((v - self.t0) * 1000, 1) for k, v in self._phases.items()},
             escalated_ms=self.escalated_ms,
             escalated_by=self.escalated_by,
         )

@@ -13,30 +13,81 @@ import asyncio
 import functools
 import time
 import weakref
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 from . import streams as streams_mod
 from .report import StepOutcome, StepRecord, StuckTask, logger, stuck_task
 from .stacks import awaited_tasks, swallowed_cancel, task_name
 
+T = TypeVar("T")
+
+#: a step as recorded: name, started, ended (monotonic), outcome, detail
+RawStep = tuple[str, float, float, StepOutcome, str]
+
+
+class Held(Generic[T]):
+    """Objects a close works with: held strongly while the close runs and weakly once it
+    ended (:meth:`release`), so a finished close, kept on the session for its report, pins
+    nothing it touched. Not a ``WeakSet`` throughout: iterating one costs more than the rest
+    of a healthy close's bookkeeping, and a close iterates its activities a dozen times."""
+
+    __slots__ = ("_by_id", "_refs")
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, T] = {}
+        self._refs: list[weakref.ReferenceType[T]] | None = None
+
+    def add(self, obj: T) -> None:
+        if self._refs is None:
+            self._by_id[id(obj)] = obj
+        elif obj not in self:
+            self._refs.append(weakref.ref(obj))
+
+    def update(self, objs: Iterable[T]) -> None:
+        for obj in objs:
+            self.add(obj)
+
+    def items(self) -> list[T]:
+        if self._refs is None:
+            return list(self._by_id.values())
+        return [o for r in self._refs if (o := r()) is not None]
+
+    def release(self) -> None:
+        """The close ended: from now on, held weakly."""
+        if self._refs is None:
+            self._refs = [weakref.ref(o) for o in self._by_id.values()]
+            self._by_id = {}
+
+    def __contains__(self, obj: object) -> bool:
+        if self._refs is None:
+            return self._by_id.get(id(obj)) is obj
+        return any(r() is obj for r in self._refs)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.items())
+
+    def __len__(self) -> int:
+        return len(self._by_id) if self._refs is None else len(self.items())
+
 
 class CloseBookkeeping:
-    """The record of one close, appended to as it goes."""
+    """The record of one close, appended to as it goes. Only what a forced close needs is
+    formatted (the report is built from raw timestamps once, when someone reads it)."""
 
     def __init__(self) -> None:
         self.waiters: set[asyncio.Task[Any]] = set()  # tasks awaiting the close: spared
-        self.cancelled_tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
-        self.zombies: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self.cancelled_tasks: Held[asyncio.Task[Any]] = Held()
+        self.zombies: Held[asyncio.Task[Any]] = Held()
         self.pending: list[asyncio.Future[Any]] = []  # abandoned steps
-        # weak: a finished close (kept on the session for its report) must not pin what
-        # it touched; a task still running on an activity's behalf keeps it alive anyway
-        self.activities: weakref.WeakSet[Any] = weakref.WeakSet()  # for the audit
+        self.activities: Held[Any] = Held()  # for the audit
+        # outputs (before detached) and speech handles: their helper tasks work for the session
+        self.io_objects: Held[Any] = Held()
         self.forced = False
-        self._steps: list[StepRecord] = []
+        self._steps: list[RawStep] = []
         self._stuck: dict[int, StuckTask] = {}
         self._cancelled: list[str] = []
         self._abandoned: list[str] = []
-        self._torn_down: list[str] = []
         self._swept: list[str] = []
         self._left_open: list[str] = []
 
@@ -45,12 +96,20 @@ class CloseBookkeeping:
         self.activities.add(activity)
 
     def record(self, name: str, started: float, outcome: StepOutcome, detail: str = "") -> None:
-        ms = round((time.monotonic() - started) * 1000, 1)
-        self._steps.append(StepRecord(name=name, ms=ms, outcome=outcome, detail=detail))
-        if outcome in ("timeout", "abandoned"):
+        self._steps.append((name, started, time.monotonic(), outcome, detail))
+        if outcome == "timeout" or outcome == "abandoned":
             self.forced = True
-        elif outcome == "done":
-            self._torn_down.append(name)
+
+    def release(self) -> None:
+        """The close ended: what it touched is held weakly from now on."""
+        for held in (self.activities, self.io_objects, self.cancelled_tasks, self.zombies):
+            held.release()
+
+    def steps(self) -> list[StepRecord]:
+        return [StepRecord(n, round((e - s) * 1000, 1), o, d) for n, s, e, o, d in self._steps]
+
+    def torn_down(self) -> list[str]:
+        return [n for n, _, _, o, _ in self._steps if o == "done"]
 
     def note_stuck(self, task: asyncio.Future[Any], *, swallowed: bool = False) -> None:
         """Report ``task`` as stuck (once), with where it is parked."""
@@ -98,8 +157,11 @@ class CloseBookkeeping:
             self._swept.extend(labels)
             self.forced = True
 
-    def note_streams_left_open(self, session: Any) -> None:
-        for e in streams_mod.streams_of(session):
+    def note_streams_left_open(
+        self, session: Any, entries: list[streams_mod.OpenStream] | None = None
+    ) -> None:
+        """The session's streams (``entries``, when just matched) still open at the end."""
+        for e in streams_mod.streams_of(session) if entries is None else entries:
             if not e.task.done():
                 self._left_open.append(e.label)
                 self.note_stuck(e.task)

@@ -17,6 +17,7 @@ when upstream's close already did it, and bounded by what is left of the close b
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 import weakref
@@ -56,14 +57,16 @@ def _finishers() -> list[tuple[str, Finisher]]:
     return _resolved
 
 
-async def _run_finishers(session: Any, close: BoundedClose) -> None:
+async def _run_finishers(session: Any, close: BoundedClose) -> bool:
     """Each finisher with work awaited in place under a timeout at the grace; one that hits
-    the bound is cancelled there."""
+    the bound is cancelled there. True when one had work."""
     timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+
+    worked = False
     for name, fn in _finishers():
         work = fn(session, close)
         if work is None:
             continue
+        worked = True
         if timeout is None:
             await close.step(name, work, deadline=close.grace())
             continue
@@ -77,6 +80,7 @@ async def _run_finishers(session: Any, close: BoundedClose) -> None:
             close.record(name, start, "error", f"{type(exc).__name__}: {exc}")
         else:
             close.record(name, start, "done")
+    return worked
 
 
 async def finish(
@@ -90,32 +94,74 @@ async def finish(
             _emit_close(session, close, reason=reason, error=error)
         # a stream is matched to its session through its creator's await chain: before the
         # leftovers (the creators among them) are cancelled, or the sweep cannot find it
-        streams_mod.streams_of(session)
-        if await _let_skipped_work_finish(close, completed):
+        entries = streams_mod.streams_of(session)
+        acted = await _let_skipped_work_finish(close, completed)
+        if acted:
             await _stop_leftover_tasks(session, close)
-        await _run_finishers(session, close)
+        acted = await _run_finishers(session, close) or acted
         if close.options.close_models:
-            await _close_owned_models(session, close)
+            acted = await _close_owned_models(session, close) or acted
         end = (
             close.close_deadline if not math.isinf(close.close_deadline) else time.monotonic() + UNWIND_GRACE
         )
-        await close.sweep_streams(session, end)
-        await close.settle_pending(end)
-        close.note_streams_left_open(session)
+        # the matching above is reused when nothing ran since that could open a stream
+        if acted:
+            entries = streams_mod.streams_of(session)
+        swept = await close.sweep_streams(session, end, entries)
+        if close.pending:
+            await close.settle_pending(end)
+            swept = True
+        close.note_streams_left_open(session, None if swept else entries)
     finally:
-        # upstream never resets its closing task: a restarted session could not be shut
-        # down again
-        session._closing_task = None
-        if not session._started:
-            # a forced teardown's last agent-state change can re-arm upstream's user-away
-            # timer on the closed session (it would fire, and pin the session, later)
-            session._cancel_user_away_timer()
-            # so can the end of a speech the close cancelled that ends only now (its done
-            # callback sets the agent state listening)
-            disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()])
-        close.end()
-        session.off("close", on_close)
+        _end(session, close, completed, on_close)
+
+
+def finish_now(session: Any, close: BoundedClose, on_close: Callable[[Any], None]) -> bool:
+    """The end of a close that has nothing left to do, run in place (no task, no wait): what
+    :func:`finish` would do when upstream's close ran to its end by itself, forced nothing
+    and left nothing open. False, having changed nothing, when anything is left to do."""
+    upstream = close.upstream
+    if upstream is None or not upstream.done() or upstream.cancelled():
+        return False
+    if (close.was_started and not close.close_emitted) or close.options.close_models or not _clean(close):
+        return False
+    if session._activity is not None and not session._activity._closed:
+        return False
+    if any(not act._closed for act in close.activities) or any(not a._closed for a in activities_of(session)):
+        return False
+    if any(not e.task.done() for e in streams_mod.streams_of(session)):
+        return False
+    for _, fn in _finishers():
+        work = fn(session, close)
+        if work is not None:
+            close_coro = getattr(work, "close", None)
+            if close_coro is not None:
+                close_coro()  # finish() makes it again
+            return False
+    session._activity = None
+    _end(session, close, True, on_close)
+    return True
+
+
+def _end(session: Any, close: BoundedClose, completed: bool, on_close: Callable[[Any], None]) -> None:
+    """The last of every close: the session can be closed again, the report is published."""
+    # upstream never resets its closing task: a restarted session could not be shut
+    # down again
+    session._closing_task = None
+    if not session._started:
+        # a forced teardown's last agent-state change can re-arm upstream's user-away
+        # timer on the closed session (it would fire, and pin the session, later)
+        session._cancel_user_away_timer()
+        # so can the end of a speech the close cancelled that ends only now (its done
+        # callback sets the agent state listening)
+        disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()])
+    close.end()
+    session.off("close", on_close)
+    if close.was_forced():
         report_mod.emit(session, close.report(completed=completed), close.zombies)
+    else:
+        build = functools.partial(close.report, completed=completed)
+        report_mod.publish_clean(session, build, close.reason, close.duration())
 
 
 def disarm_when_done(session: Any, tasks: list[asyncio.Task[Any]]) -> None:
@@ -228,7 +274,7 @@ def _models_of(holder: Any) -> list[Any]:
     return [m for m in (holder.stt, holder.llm, holder.tts) if m is not None and not isinstance(m, str)]
 
 
-async def _close_owned_models(session: Any, close: BoundedClose) -> None:
+async def _close_owned_models(session: Any, close: BoundedClose) -> bool:
     """``close_models=True``: close the model instances this session used (the pooled
     inference TTS websockets live until ``tts.aclose()``), except any that another running
     session also uses. Bounded like every other step."""
@@ -237,9 +283,11 @@ async def _close_owned_models(session: Any, close: BoundedClose) -> None:
         if other is not session:
             for m in _models_of(other):
                 mine.pop(id(m), None)
-    if mine:
-        await close.step(
-            "models.aclose",
-            asyncio.gather(*(m.aclose() for m in mine.values()), return_exceptions=True),
-            deadline=min(close.inner_deadline(), time.monotonic() + UNWIND_GRACE * 2),
-        )
+    if not mine:
+        return False
+    await close.step(
+        "models.aclose",
+        asyncio.gather(*(m.aclose() for m in mine.values()), return_exceptions=True),
+        deadline=min(close.inner_deadline(), time.monotonic() + UNWIND_GRACE * 2),
+    )
+    return True

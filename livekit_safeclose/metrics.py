@@ -159,6 +159,14 @@ def record_close(report: CloseReport, zombies: Iterable[asyncio.Task[Any]] = ())
     m.zombies.set(_live_zombies())
 
 
+def record_clean(reason: str, duration_s: float) -> None:
+    """Count one close that forced nothing (what :func:`record_close` counts for it)."""
+    m = made()
+    if m is not None:
+        _child(m.closes, "clean", reason).inc()
+        _child(m.close_duration, "clean").observe(duration_s)
+
+
 #: labelled children already made: ``labels()`` validates and locks on every call
 _children: dict[tuple[Any, ...], Any] = {}
 

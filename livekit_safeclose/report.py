@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -97,23 +97,40 @@ class CloseReport:
         return ", ".join(parts)
 
 
-_reports: weakref.WeakKeyDictionary[Any, CloseReport] = weakref.WeakKeyDictionary()
+#: per session, its last close's report, or (a clean close) what builds it when first read
+_reports: weakref.WeakKeyDictionary[Any, CloseReport | Callable[[], CloseReport]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def last_close_report(session: Any) -> CloseReport | None:
     """The report of the most recent close of ``session`` (``None`` before the first)."""
-    return _reports.get(session)
+    found = _reports.get(session)
+    if found is None or isinstance(found, CloseReport):
+        return found
+    report = _reports[session] = found()
+    return report
 
 
-def _store(session: Any, report: CloseReport) -> None:
-    _reports[session] = report
+def publish_clean(session: Any, build: Callable[[], CloseReport], reason: str, duration_s: float) -> None:
+    """A close that forced nothing: its report is built when first read (most never are,
+    and building one is a good part of what a healthy close would cost the layer); the
+    metrics count it now."""
+    _reports[session] = build
+    try:
+        from . import metrics
+
+        metrics.record_clean(reason, duration_s)
+    except Exception:  # telemetry must never break a close
+        logger.exception("could not publish the close report")
+    logger.debug("session closed cleanly in %.0f ms", duration_s * 1000)
 
 
 def emit(session: Any, report: CloseReport, zombies: Iterable[asyncio.Task[Any]] = ()) -> None:
     """Store the report and publish it: one structured WARNING when anything was forced,
     the Prometheus metrics, and (forced) the OpenTelemetry span. ``zombies``: the tasks the
     close left running that swallowed its cancellation."""
-    _store(session, report)
+    _reports[session] = report
     try:
         from . import metrics, tracing
 

@@ -47,10 +47,15 @@ REQUESTED_ATTR = "_safeclose_close_requested"
 _ONE_ARG = inspect.Signature([inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 
 
-def _label(session: Any) -> str:
-    agent = session.__dict__.get("_agent")
-    name = (getattr(agent, "label", None) or type(agent).__name__) if agent is not None else "-"
-    return f"AgentSession@{id(session):x}[{name}]"
+def _label(session: Any) -> Callable[[], str]:
+    """The session's name in the report, made only when a report is built."""
+    agent, sid = session.__dict__.get("_agent"), id(session)
+
+    def label() -> str:
+        name = (getattr(agent, "label", None) or type(agent).__name__) if agent is not None else "-"
+        return f"AgentSession@{sid:x}[{name}]"
+
+    return label
 
 
 def _nothing_to_close(session: Any) -> bool:
@@ -260,7 +265,7 @@ async def _closing_main(
 ) -> None:
     """The body of the shared closing task: upstream's close, watched, and the completion
     in a ``finally`` that outside cancellation cannot skip."""
-    from .completion import finish
+    from .completion import finish, finish_now
 
     def _on_close(_: Any) -> None:
         close.close_emitted = True
@@ -270,16 +275,19 @@ async def _closing_main(
     setattr(_on_close, "__signature__", _ONE_ARG)  # noqa: B010
     session.on("close", _on_close)
     try:
-        await _wait_for_start(session, close)
-        for act in activities_of(session):
-            close.touch(act)
+        if await _wait_for_start(session, close):
+            for act in activities_of(session):
+                close.touch(act)
         # matched now, while the parts that made them are reachable: a recognition close the
         # close cuts short drops its STT pipeline before that pipeline's stream has ended
         streams_mod.streams_of(session)
         close.upstream = asyncio.ensure_future(original(session, reason=reason, drain=drain, error=error))
         await _watch(session, close)
     finally:
-        await asyncio.shield(finish(session, close, reason=reason, error=error, on_close=_on_close))
+        # a close with nothing left to do ends in place; any other, in a task of its own
+        # that outside cancellation cannot cut short
+        if not finish_now(session, close, _on_close):
+            await asyncio.shield(finish(session, close, reason=reason, error=error, on_close=_on_close))
 
 
 async def _watch(session: Any, close: BoundedClose) -> None:
@@ -301,16 +309,19 @@ async def _watch(session: Any, close: BoundedClose) -> None:
         logger.error("error while closing the session", exc_info=exc)
 
 
-async def _wait_for_start(session: Any, close: BoundedClose) -> None:
+async def _wait_for_start(session: Any, close: BoundedClose) -> bool:
     """Closing while ``start()`` holds the session lock (toolset setup, ``on_enter`` of a
-    captured run): wait within the drain bound, then cancel what start() waits on."""
+    captured run): wait within the drain bound, then cancel what start() waits on. True
+    when it waited (the session's activities may have changed since the close opened)."""
 
     async def in_drain_bound(fut: asyncio.Future[Any]) -> bool:
         return await close.wait_phase(fut, drain=True)
 
     lock = session._lock
-    if not lock.locked() or await free_within(lock, in_drain_bound):
-        return
+    if not lock.locked():
+        return False
+    if await free_within(lock, in_drain_bound):
+        return True
     start = time.monotonic()
     close.interrupted_start = True
     close.cancel(start_tasks(session))
@@ -319,3 +330,4 @@ async def _wait_for_start(session: Any, close: BoundedClose) -> None:
     close.record("session.start", start, "timeout", "start() still running at the drain bound")
     close.cut_drain()
     await free_within(lock, in_drain_bound)
+    return True
