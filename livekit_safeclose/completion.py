@@ -95,10 +95,8 @@ async def finish(
         # a stream is matched to its session through its creator's await chain: before the
         # leftovers (the creators among them) are cancelled, or the sweep cannot find it
         entries = streams_mod.streams_of(session)
-        lingering = await _let_speech_finish(close)
-        acted = lingering or not (completed and _clean(close))
+        acted = await _let_skipped_work_finish(close, completed)
         if acted:
-            await _let_skipped_speech_end(close)
             await _stop_leftover_tasks(session, close)
         acted = await _run_finishers(session, close) or acted
         if close.options.close_models:
@@ -202,35 +200,6 @@ def _emit_close(session: Any, close: BoundedClose, *, reason: Any, error: Any) -
     session.emit("close", CloseEvent(error=error, reason=reason))
 
 
-async def _let_speech_finish(close: BoundedClose) -> bool:
-    """Upstream's drain skips the hooks marked drain-blocked, and nothing cancels them
-    after: an ``on_enter`` still running when an ``AgentTask`` awaited from it found
-    the session closing outlives the close. A graceful close lets them finish within the
-    teardown bound. True when some still run (the leftover cancel then stops them)."""
-    from livekit.agents.voice.agent import _get_activity_task_info
-
-    def lingering() -> list[asyncio.Task[Any]]:
-        # the hooks only (no speech handle): a reply may wait on a tool awaiting the close
-        hooks = [t for act in list(close.activities) for t in list(act._speech_tasks) if not t.done()]
-        return [
-            t
-            for t in hooks
-            if t not in close.waiters
-            and t not in close.zombies
-            and getattr(_get_activity_task_info(t), "speech_handle", None) is None
-        ]
-
-    left = lingering()
-    if left and close.graceful:
-        start = time.monotonic()
-        await asyncio.wait(left, timeout=close.left(close.steps_deadline()))
-        left = lingering()
-        if left:
-            close.escalate("close_timeout")  # cut at its bound: a forced close now
-        close.record("drain_blocked.finish", start, "timeout" if left else "done")
-    return bool(left)
-
-
 def _clean(close: BoundedClose) -> bool:
     """Nothing forced so far: upstream's close ran to its end by itself, so it stopped what
     it started; the scan of every task in the process (most of what a healthy close costs
@@ -250,13 +219,45 @@ def _spared(close: BoundedClose, t: asyncio.Task[Any]) -> bool:
     return any(w in close.waiters for w in awaited_tasks(t))
 
 
-async def _let_skipped_speech_end(close: BoundedClose) -> None:
-    """A graceful close lets what upstream's drain skipped (an ``on_enter`` an AgentTask
-    interrupted) finish, as it lets any speech: until the graceful bound, after which the
-    close is escalated and they are cancelled with the other leftovers."""
+def _drain_blocked_hooks(close: BoundedClose) -> list[asyncio.Task[Any]]:
+    """The hooks of the close's activities still running (speech tasks without a speech
+    handle: a reply may wait on a tool awaiting the close)."""
+    from livekit.agents.voice.agent import _get_activity_task_info
+
+    hooks = [t for act in list(close.activities) for t in list(act._speech_tasks) if not t.done()]
+    return [
+        t
+        for t in hooks
+        if t not in close.waiters
+        and t not in close.zombies
+        and getattr(_get_activity_task_info(t), "speech_handle", None) is None
+    ]
+
+
+async def _let_skipped_work_finish(close: BoundedClose, completed: bool) -> bool:
+    """Upstream's drain skips what it is told not to wait for (the drain-blocked hooks: an
+    ``on_enter`` an ``AgentTask`` interrupted) and its ``aclose`` does not cancel it, so it
+    would outlive the close. A graceful close lets it, and any speech or tool of a closed
+    activity, finish as it lets any speech: one wait, until the graceful bound and never
+    past the teardown bound (cut there, the close is escalated). True when the leftover
+    scan must run: something was forced, or a hook still runs."""
+    if completed and _clean(close):
+        return False
+    hooks = _drain_blocked_hooks(close)
     rest = [t for act in list(close.activities) for t in unsettled_tasks(act) if not _spared(close, t)]
-    if close.graceful and rest:
-        await close.wait_phase(asyncio.gather(*rest, return_exceptions=True), drain=True)
+    waiting = hooks + [t for t in rest if t not in hooks]
+    if close.graceful and waiting:
+        start = time.monotonic()
+        gathered = asyncio.gather(*waiting, return_exceptions=True)
+        graceful = asyncio.ensure_future(close.wait_phase(gathered, drain=True))  # until escalated
+        try:
+            if not await close.wait_until(graceful, close.steps_deadline()):
+                close.escalate("close_timeout")  # cut at the teardown bound: a forced close now
+        finally:
+            graceful.cancel()
+        if hooks:
+            close.record("drain_blocked.finish", start, "done" if all(t.done() for t in hooks) else "timeout")
+    return any(not t.done() for t in hooks) or not (completed and _clean(close))
 
 
 async def _stop_leftover_tasks(session: Any, close: BoundedClose) -> None:

@@ -27,6 +27,7 @@ def test_diff_generates_and_never_imports_the_layer() -> None:
     diff = patched.diff()
     assert "+++ b/livekit-agents/livekit/agents/voice/_bounded_close.py" in diff
     assert "+++ b/tests/test_bounded_close.py" in diff
+    assert "+++ b/tests/test_bounded_close_handover.py" in diff
     assert not [ln for ln in _added(diff) if "livekit_safeclose" in ln]
     for t in gen.TARGETS:  # each target wrapped: upstream's body kept under the new name
         assert f"def {gen.unbounded_name(t.method)}(" in patched.files[gen.REPO_PREFIX + t.file][1]
@@ -116,4 +117,4 @@ def test_verify_on_a_subset(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert code == 0, out
     assert "| tool-park-aclose" in out and "fixed" in out
-    assert "diff: 6 files" in out
+    assert "diff: 7 files" in out

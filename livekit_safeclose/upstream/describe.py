@@ -91,5 +91,8 @@ def describe(patched: Patched, from_json: Path | None) -> str:
     else:
         measured = ("## Measured\n\nRun `livekit-safeclose upstream verify --json > verify.json` and "
                     "`livekit-safeclose upstream diff --describe --from-json verify.json` for the table.\n")  # fmt: skip
-    tests = "\n## Tests\n\n`tests/test_bounded_close.py`: one test per hang class, on fakes.\n"
+    tests = (
+        "\n## Tests\n\n`tests/test_bounded_close.py`: one test per hang class, on fakes; "
+        "`tests/test_bounded_close_handover.py`: a close inside an `AgentTask`'s hand-over.\n"
+    )
     return f"# Bound every AgentSession close\n\nSize: {size}.\n\n{_PROBLEM}\n{_changes()}\n{_SAME}\n{measured}{tests}"

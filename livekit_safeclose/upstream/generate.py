@@ -21,10 +21,11 @@ REPO_PREFIX = "livekit-agents/livekit/agents/"
 HELPER = "voice/_bounded_close.py"
 #: the new private modules: the close, and what works for the session (how it is cancelled)
 HELPERS = (HELPER, "voice/_bounded_close_tasks.py")
-#: the upstream-style regression tests, where upstream keeps its tests
-TESTS = "tests/test_bounded_close.py"
+#: the upstream-style regression tests, where upstream keeps its tests (the first holds the
+#: fakes the others import)
+TESTS = ("tests/test_bounded_close.py", "tests/test_bounded_close_handover.py")
 TEMPLATE_DIR = Path(__file__).parent / "template"
-TESTS_TEMPLATE = Path(__file__).parent.parent / "testing" / "upstream" / "test_bounded_close.py"
+TESTS_TEMPLATE_DIR = Path(__file__).parent.parent / "testing" / "upstream"
 
 
 class UnsupportedRelease(Exception):
@@ -215,5 +216,6 @@ def generate(root: Path | None = None, *, with_tests: bool = False) -> Patched:
             raise UnsupportedRelease(f"{helper} exists already")
         files[REPO_PREFIX + helper] = ("", (TEMPLATE_DIR / Path(helper).name).read_text())
     if with_tests:
-        files[TESTS] = ("", TESTS_TEMPLATE.read_text())
+        for rel in TESTS:
+            files[rel] = ("", (TESTS_TEMPLATE_DIR / Path(rel).name).read_text())
     return Patched(files)

@@ -203,14 +203,16 @@ def _run_tests(patched: Patched, root: Path) -> dict[str, Any]:
     missing = [m for m in ("pytest", "pytest_asyncio") if not _installed(m)]
     if missing:
         return {"ok": False, "summary": f"not run: {', '.join(missing)} missing (or pass --no-tests)"}
-    test_file = root / "tests" / Path(TESTS).name
-    test_file.parent.mkdir(exist_ok=True)
-    test_file.write_text(patched.files[TESTS][1])
+    test_dir = root / "tests"
+    test_dir.mkdir(exist_ok=True)
+    test_files = [test_dir / Path(rel).name for rel in TESTS]
+    for rel, test_file in zip(TESTS, test_files, strict=True):
+        test_file.write_text(patched.files[rel][1])
     env = {**os.environ, "PYTHONPATH": str(root), "LIVEKIT_SAFECLOSE_UPSTREAM_COPY": str(root)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:safeclose",
-           str(test_file), "--rootdir", str(test_file.parent)]  # fmt: skip
+           *map(str, test_files), "--rootdir", str(test_dir)]  # fmt: skip
     if _installed("pytest_timeout"):
         cmd += ["--timeout", "60"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=test_file.parent)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=test_dir)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
     return {"ok": proc.returncode == 0, "summary": summary, "output": proc.stdout[-4000:]}
