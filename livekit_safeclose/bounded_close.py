@@ -23,10 +23,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-from . import streams as streams_mod
 from .close_bookkeeping import CloseBookkeeping
 from .options import Options
-from .report import CloseReport, StepOutcome, logger
+from .report import logger
 
 T = TypeVar("T")
 
@@ -41,8 +40,6 @@ SWEEP_RESERVE = 0.25
 #: time kept between the last teardown step and the end of upstream's close, so the close
 #: event is always emitted before the close bound
 EMIT_RESERVE = 0.15
-#: the share of a sweep's time a stream gets to unwind from its first cancellation
-SWEEP_SLICE = 0.2
 #: after force-cancelling, how long a task may take to unwind before it counts as a zombie
 UNWIND_GRACE = 0.5
 #: room kept for the models' teardown after the drain, beyond the final-transcript wait
@@ -349,38 +346,6 @@ class BoundedClose(CloseBookkeeping):
                 t.cancel()
         self.pending.clear()
 
-    # -- streams -----------------------------------------------------------------------------
-    async def sweep_streams(
-        self, session: Any, deadline: float, entries: list[streams_mod.OpenStream] | None = None
-    ) -> bool:
-        """Stop the session's provider streams that are still open: cancel each stream's
-        main task, and once more a slice of the time later, then wait until ``deadline``.
-        A stream whose close waits for a provider goodbye ends at the second cancellation
-        (the first one only started that wait when nobody closed the stream before: its
-        speech was cancelled, not interrupted); one that swallows every cancellation is
-        reported. ``entries``: the session's streams, when just matched. True when it had
-        some to stop."""
-        if entries is None:
-            entries = streams_mod.streams_of(session)
-        leftover = [e for e in entries if not e.task.done()]
-        if not leftover:
-            return False
-        start = time.monotonic()
-        tasks = {e.task for e in leftover}
-        for e in leftover:
-            self.note_stuck(e.task)
-            e.task.cancel()
-        await asyncio.wait(tasks, timeout=self.left(deadline) * SWEEP_SLICE)
-        for t in tasks:
-            t.cancel()  # a no-op on a task that ended
-        await asyncio.wait(tasks, timeout=self.left(deadline))
-        closed = [e for e in leftover if e.task.done()]
-        self._swept.extend(e.label for e in closed)
-        outcome: StepOutcome = "done" if len(closed) == len(leftover) else "timeout"
-        self.record("streams.sweep", start, outcome, f"{len(closed)}/{len(leftover)} stopped")
-        self.forced = True
-        return True
-
     # -- output --------------------------------------------------------------------------------
     def end(self) -> None:
         """The close is over: it no longer acts, and its timer is gone."""
@@ -390,42 +355,6 @@ class BoundedClose(CloseBookkeeping):
             self._graceful_timer.cancel()
             self._graceful_timer = None
         self.release()
-
-    def was_forced(self) -> bool:
-        """What the report's ``forced`` says: a bound was hit, or something was left."""
-        return self.forced or bool(self._abandoned or self._left_open)
-
-    def duration(self) -> float:
-        """Seconds from the request to the end of the close (or to now, while it runs)."""
-        return (time.monotonic() if self._ended_at is None else self._ended_at) - self.t0
-
-    def report(self, *, completed: bool) -> CloseReport:
-        """The close report. Built from the raw record only when read (a healthy close's
-        report usually never is): the figures are those of the close's end."""
-        ended = time.monotonic() if self._ended_at is None else self._ended_at
-        label = self._label if isinstance(self._label, str) else self._label()
-        return CloseReport(
-            session=label,
-            reason=self.reason,
-            drain_requested=self._drain_requested,
-            drain_timeout=self.options.drain_timeout,
-            close_timeout=self.options.close_timeout,
-            started_at=time.time() - (time.monotonic() - self.t0),
-            duration_ms=round((ended - self.t0) * 1000, 1),
-            forced=self.was_forced(),
-            escalated=self.escalated_ms is not None,
-            completed=completed,
-            steps=self.steps(),
-            stuck=list(self._stuck.values()),
-            cancelled=list(self._cancelled),
-            abandoned=list(self._abandoned),
-            torn_down=self.torn_down(),
-            streams_closed_by_force=list(self._swept),
-            streams_left_open=list(self._left_open),
-            phases={k: round((v - self.t0) * 1000, 1) for k, v in self._phases.items()},
-            escalated_ms=self.escalated_ms,
-            escalated_by=self.escalated_by,
-        )
 
 
 #: where a session keeps its close (the live one, or the last one)

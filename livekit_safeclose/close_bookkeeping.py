@@ -1,10 +1,11 @@
 """What one close did: its steps, the tasks it found stuck, cancelled, abandoned or left
 as zombies, and the streams it stopped or left open.
 
-Kept apart from the bounds (:mod:`.bounded_close`) because nothing here waits: every method
-is synchronous, so bookkeeping can run inside a cancellation path or a done-callback. The
-:class:`~.report.CloseReport` is built from this state once, at the end, and never read back
-to decide anything.
+Kept apart from the bounds (:mod:`.bounded_close`) because nothing here decides when to
+wait: every bookkeeping method is synchronous, so it can run inside a cancellation path or a
+done-callback (the stream sweep, the one coroutine, waits only until the deadline it is
+given). The :class:`~.report.CloseReport` is built from this state when first read, and
+never read back to decide anything.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import asyncio
 import functools
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from . import streams as streams_mod
-from .report import StepOutcome, StepRecord, StuckTask, logger, stuck_task
+from .options import Options
+from .report import CloseReport, StepOutcome, StepRecord, StuckTask, logger, stuck_task
 from .stacks import awaited_tasks, swallowed_cancel, task_name
 
 T = TypeVar("T")
+
+#: the share of a sweep's time a stream gets to unwind from its first cancellation
+SWEEP_SLICE = 0.2
 
 #: a step as recorded: name, started, ended (monotonic), outcome, detail
 RawStep = tuple[str, float, float, StepOutcome, str]
@@ -74,6 +79,17 @@ class Held(Generic[T]):
 class CloseBookkeeping:
     """The record of one close, appended to as it goes. Only what a forced close needs is
     formatted (the report is built from raw timestamps once, when someone reads it)."""
+
+    # what the report names, set by the close (:class:`~.bounded_close.BoundedClose`)
+    t0: float
+    options: Options
+    reason: str
+    escalated_ms: float | None
+    escalated_by: str | None
+    _label: str | Callable[[], str]
+    _drain_requested: bool
+    _phases: dict[str, float]  # monotonic
+    _ended_at: float | None
 
     def __init__(self) -> None:
         self.waiters: set[asyncio.Task[Any]] = set()  # tasks awaiting the close: spared
@@ -151,6 +167,37 @@ class CloseBookkeeping:
         self._abandoned.append(name)
         self.record(name, started, "abandoned")
 
+    async def sweep_streams(
+        self, session: Any, deadline: float, entries: list[streams_mod.OpenStream] | None = None
+    ) -> bool:
+        """Stop the session's provider streams that are still open: cancel each stream's
+        main task, and once more a slice of the time later, then wait until ``deadline``.
+        A stream whose close waits for a provider goodbye ends at the second cancellation
+        (the first one only started that wait when nobody closed the stream before: its
+        speech was cancelled, not interrupted); one that swallows every cancellation is
+        reported. ``entries``: the session's streams, when just matched. True when it had
+        some to stop."""
+        if entries is None:
+            entries = streams_mod.streams_of(session)
+        leftover = [e for e in entries if not e.task.done()]
+        if not leftover:
+            return False
+        start = time.monotonic()
+        tasks = {e.task for e in leftover}
+        for e in leftover:
+            self.note_stuck(e.task)
+            e.task.cancel()
+        await asyncio.wait(tasks, timeout=_left(deadline) * SWEEP_SLICE)
+        for t in tasks:
+            t.cancel()  # a no-op on a task that ended
+        await asyncio.wait(tasks, timeout=_left(deadline))
+        closed = [e for e in leftover if e.task.done()]
+        self._swept.extend(e.label for e in closed)
+        outcome: StepOutcome = "done" if len(closed) == len(leftover) else "timeout"
+        self.record("streams.sweep", start, outcome, f"{len(closed)}/{len(leftover)} stopped")
+        self.forced = True
+        return True
+
     def note_closed_by_force(self, labels: list[str]) -> None:
         """Streams a feature's finisher stopped (the ledger's labels)."""
         if labels:
@@ -166,6 +213,42 @@ class CloseBookkeeping:
                 self._left_open.append(e.label)
                 self.note_stuck(e.task)
 
+    def was_forced(self) -> bool:
+        """What the report's ``forced`` says: a bound was hit, or something was left."""
+        return self.forced or bool(self._abandoned or self._left_open)
+
+    def duration(self) -> float:
+        """Seconds from the request to the end of the close (or to now, while it runs)."""
+        return (time.monotonic() if self._ended_at is None else self._ended_at) - self.t0
+
+    def report(self, *, completed: bool) -> CloseReport:
+        """The close report. Built from the raw record only when read (a healthy close's
+        report usually never is): the figures are those of the close's end."""
+        ended = time.monotonic() if self._ended_at is None else self._ended_at
+        label = self._label if isinstance(self._label, str) else self._label()
+        return CloseReport(
+            session=label,
+            reason=self.reason,
+            drain_requested=self._drain_requested,
+            drain_timeout=self.options.drain_timeout,
+            close_timeout=self.options.close_timeout,
+            started_at=time.time() - (time.monotonic() - self.t0),
+            duration_ms=round((ended - self.t0) * 1000, 1),
+            forced=self.was_forced(),
+            escalated=self.escalated_ms is not None,
+            completed=completed,
+            steps=self.steps(),
+            stuck=list(self._stuck.values()),
+            cancelled=list(self._cancelled),
+            abandoned=list(self._abandoned),
+            torn_down=self.torn_down(),
+            streams_closed_by_force=list(self._swept),
+            streams_left_open=list(self._left_open),
+            phases={k: round((v - self.t0) * 1000, 1) for k, v in self._phases.items()},
+            escalated_ms=self.escalated_ms,
+            escalated_by=self.escalated_by,
+        )
+
 
 def _retrieve(name: str, fut: asyncio.Future[Any]) -> None:
     """An abandoned step that ends later with an exception (a drain resuming on the fresh
@@ -173,3 +256,7 @@ def _retrieve(name: str, fut: asyncio.Future[Any]) -> None:
     here and logged at DEBUG, not printed by the loop as "never retrieved"."""
     if not fut.cancelled() and (exc := fut.exception()) is not None:
         logger.debug("abandoned step %s ended later with %r", name, exc)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
