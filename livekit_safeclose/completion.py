@@ -12,6 +12,10 @@ when upstream's close already did it, and bounded by what is left of the close b
    :data:`FINISHERS` entry), and with ``close_models`` the session's own model instances;
 5. the session's provider streams still open are stopped, abandoned steps are settled;
 6. the report is published.
+
+A close with none of that to do (upstream's close ran to its end, nothing was forced, nothing
+is open) ends in place instead (:func:`finish_now`): no task, no wait, nothing a cancellation
+could cut short, and its report is built only when someone reads it.
 """
 
 from __future__ import annotations
