@@ -12,7 +12,8 @@ followed by the final-transcript wait and the model teardown.
 
 Both are measured from where their bound starts: a graceful close's bounds start at its
 escalation (``graceful_timeout`` passed, or a forced close joined), so its close time is
-taken from there too (``close_from_escalation``). A task that swallows the cancellation (a
+taken from there too (``close_from_escalation``), and every close's time from its own request
+(the report's duration: an ``EndCallTool`` requests the close after its bounded goodbye). A task that swallows the cancellation (a
 zombie) holds the drain until the unwind grace the layer gives it before quarantining it:
 for those scenarios the drain target adds that grace (``ZOMBIE_DRAIN_GRACE``).
 
@@ -87,7 +88,9 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
             closes.append(out.ms)
             clean += out.clean
             rep = out.report
-            bounded.append(out.ms - (rep.escalated_ms or 0.0) if rep is not None else out.ms)
+            # the close's own time, from its request (an EndCallTool asks for it only after its
+            # bounded goodbye), less the graceful part before an escalation
+            bounded.append(rep.duration_ms - (rep.escalated_ms or 0.0) if rep is not None else out.ms)
             if rep is not None:
                 forced += rep.forced
                 zombie = zombie or any(st.swallowed_cancel for st in rep.stuck)
