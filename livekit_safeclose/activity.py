@@ -59,6 +59,7 @@ def force(close: BoundedClose, activity: Any) -> None:
 
     tasks = unsettled_tasks(activity) + toolsets.tool_tasks(activity)  # a speech waits on these too
     close.io_objects.update(outputs_of(activity._session))  # the sinks as they are now
+    close.note_speeches_of(activity._session)
     if (sched := activity._scheduling_atask) is not None and not sched.done():
         tasks.append(sched)
     close.cancel(tasks)

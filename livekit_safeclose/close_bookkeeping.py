@@ -100,12 +100,28 @@ class CloseBookkeeping:
         # outputs (before detached) and speech handles: their helper tasks work for the session
         self.io_objects: Held[Any] = Held()
         self.forced = False
+        self._speech_listener: Callable[[Any], None] | None = None
         self._steps: list[RawStep] = []
         self._stuck: dict[int, StuckTask] = {}
         self._cancelled: list[str] = []
         self._abandoned: list[str] = []
         self._swept: list[str] = []
         self._left_open: list[str] = []
+
+    def note_speeches_of(self, session: Any) -> None:
+        """From the first forcing on, every speech the session creates is the close's: a
+        reply made on an activity the close already forced (``generate_reply`` from a tool
+        or a user turn) is cancelled by upstream's ``aclose``, which leaves its scheduling
+        and authorization waits parked on its handle, working for the session. Once per
+        close; :meth:`forget_speeches_of` ends it."""
+        if self._speech_listener is None:
+            self._speech_listener = lambda ev: self.io_objects.add(ev.speech_handle)
+            session.on("speech_created", self._speech_listener)
+
+    def forget_speeches_of(self, session: Any) -> None:
+        if self._speech_listener is not None:
+            session.off("speech_created", self._speech_listener)
+            self._speech_listener = None
 
     def touch(self, activity: Any) -> None:
         """``activity`` takes part in this close (the audit looks at it afterwards)."""

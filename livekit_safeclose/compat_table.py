@@ -49,6 +49,8 @@ CORE: tuple[R, ...] = (
     R("core", ACTIVITY, "_audio_recognition", "init_attr"),
     R("core", ACTIVITY, "_rt_session", "init_attr", optional=True),
     R("core", RECOGNITION, "_stt_pipeline", "init_attr", optional=True),
+    # the backchannel-boundary timer a cut recognition close leaves armed (1.8.x)
+    R("core", RECOGNITION, "_cancel_backchannel_boundary", "method", optional=True),
     # what a handoff's drain hands to the next activity (1.7.0+; adapters.handoff_parts)
     R("core", ACTIVITY, "_detach_reusable_resources", "method", ("new_activity",), optional=True),
     *(R("core", REUSABLE, name, "field", optional=True)

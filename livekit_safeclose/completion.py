@@ -25,7 +25,7 @@ import functools
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import report as report_mod
@@ -156,9 +156,12 @@ def _end(session: Any, close: BoundedClose, completed: bool, on_close: Callable[
         # a forced teardown's last agent-state change can re-arm upstream's user-away
         # timer on the closed session (it would fire, and pin the session, later)
         session._cancel_user_away_timer()
+        acts = list(close.activities)
+        disarm_recognitions(acts)
         # so can the end of a speech the close cancelled that ends only now (its done
-        # callback sets the agent state listening)
-        disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()])
+        # callback sets the agent state listening, its first frame starts "playout")
+        disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()], acts)
+    close.forget_speeches_of(session)
     close.end()
     session.off("close", on_close)
     if close.was_forced():
@@ -168,18 +171,33 @@ def _end(session: Any, close: BoundedClose, completed: bool, on_close: Callable[
         report_mod.publish_clean(session, build, close.reason, close.duration())
 
 
-def disarm_when_done(session: Any, tasks: list[asyncio.Task[Any]]) -> None:
-    """When each of ``tasks`` ends on the closed session, cancel the user-away timer its
-    end re-armed. The callback holds the session weakly (a manager task may close many)."""
+def disarm_when_done(session: Any, tasks: list[asyncio.Task[Any]], activities: Sequence[Any] = ()) -> None:
+    """When each of ``tasks`` ends on the closed session, cancel the timers its end re-armed
+    (the user-away timer; the backchannel timer of ``activities``' recognitions). The
+    callback holds the session and the activities weakly (a manager task may close many)."""
     ref = weakref.ref(session)
+    act_refs = [weakref.ref(a) for a in activities]
 
     def _disarm(_: asyncio.Task[Any]) -> None:
         s = ref()
         if s is not None and not s._started:
             s._cancel_user_away_timer()
+            disarm_recognitions([a for r in act_refs if (a := r()) is not None])
 
     for t in tasks:
         t.add_done_callback(_disarm)
+
+
+def disarm_recognitions(activities: Sequence[Any]) -> None:
+    """Cancel the backchannel-boundary timer of each closed activity's audio recognition.
+    Upstream arms it (1 s by default) when playout starts and cancels it only at the very
+    end of the recognition's close, which a cut close never reaches; a speech the close
+    cancelled can also start playout after it. Left, it fires into the closed activity and
+    pins it until then. Releases without the timer have nothing to cancel."""
+    for act in activities:
+        cancel = getattr(getattr(act, "_audio_recognition", None), "_cancel_backchannel_boundary", None)
+        if cancel is not None and act._closed:
+            cancel()
 
 
 async def _close_activities(session: Any, close: BoundedClose) -> None:

@@ -225,6 +225,18 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "layer did not count that stream as working for the session, and its two tasks "
         "outlived the close.",
     ),
+    FuzzFound(
+        "fuzz-error-close-reply-after-force",
+        "an error close forced past a zombie on_exit; a reply asked for after the forcing",
+        Schedule(FuzzSetup(on_exit="swallow"), (Step("started"), Step("wait", 10), Step("error", "tts"),
+                                                Step("wait", 100), Step("user", "stall"))),
+        description="Fuzz 10k run #1118 (seed 1). The reply was created on the activity after "
+        "the drain bound forced it; upstream's aclose cancelled its speech task, which left "
+        "the SpeechHandle._wait_for_authorization helper parked. The layer counted a "
+        "speech's handle as working for the session only for speeches alive at the forcing: "
+        "the helper outlived the close. Every speech created from the first forcing on now "
+        "counts (the session's speech_created event, listened to until the close ends).",
+    ),
 )  # fmt: skip
 
 
