@@ -145,3 +145,67 @@ async def test_an_on_enter_the_drain_was_told_to_skip_does_not_outlive_the_close
     finally:
         ctx.ledger.release()
         on_enter.cancel()
+
+
+def _pending_backchannel_timers() -> int:
+    loop: Any = asyncio.get_running_loop()
+    return sum(
+        1
+        for h in loop._scheduled
+        if not h.cancelled() and getattr(h._callback, "__name__", "") == "_on_backchannel_boundary_done"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("disarm", [True, False], ids=["layer", "layer-without-disarm"])
+async def test_a_speech_that_starts_playout_after_the_close_leaves_no_backchannel_timer(
+    disarm: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fuzz 10k #7654: upstream arms the recognition's backchannel-boundary timer (1 s) when
+    playout starts and cancels it only at the end of the recognition's close. A speech task
+    the forced close cancelled but that unwinds past the close (here: a tool that starts
+    playout on its way out, as a late first frame does) armed it on the closed activity, where
+    it fired a second later. The layer cancels it when such a task ends. Vanilla waits for
+    every speech task before it closes the recognition, so the race is the layer's own: the
+    proof of failure is the layer without the disarm."""
+    from livekit.agents import function_tool
+
+    from livekit_safeclose import completion
+    from livekit_safeclose.testing.fakes import FakeReply
+
+    if not disarm:
+        monkeypatch.setattr(completion, "disarm_recognitions", lambda _acts: None)
+    lsc.install(drain_timeout=0.2, close_timeout=1.0)
+    ctx = Ctx()
+    ended = asyncio.Event()
+
+    @function_tool
+    async def late_playout() -> str:
+        """Play something."""
+        ctx.engaged.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # unwinds past the close's grace, then playout starts (a first frame, late)
+            await asyncio.shield(asyncio.sleep(0.7))
+            recognition._on_start_of_agent_speech(started_at=0.0)
+            ended.set()
+        return "never"
+
+    ctx.session_tools = [late_playout]
+    ctx.script = [FakeReply(tool_calls=[("late_playout", {})])]
+    session = make_session(ctx)
+    await session.start(ScenarioAgent(ctx))
+    recognition = session._activity._audio_recognition
+    session.generate_reply(user_input="look it up")
+    await asyncio.wait_for(ctx.engaged.wait(), 5)
+    await asyncio.wait_for(session.aclose(), 3)
+    await asyncio.wait_for(ended.wait(), 3)
+    await asyncio.sleep(0)
+    pending = _pending_backchannel_timers()
+    ctx.ledger.release()
+    if disarm:
+        assert pending == 0, "the closed activity kept a backchannel timer"
+    else:
+        assert pending == 1  # the failure the disarm prevents
