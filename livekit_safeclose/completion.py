@@ -156,11 +156,14 @@ def _end(session: Any, close: BoundedClose, completed: bool, on_close: Callable[
         # a forced teardown's last agent-state change can re-arm upstream's user-away
         # timer on the closed session (it would fire, and pin the session, later)
         session._cancel_user_away_timer()
-        acts = list(close.activities)
-        disarm_recognitions(acts)
-        # so can the end of a speech the close cancelled that ends only now (its done
-        # callback sets the agent state listening, its first frame starts "playout")
-        disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()], acts)
+        if close.forced or close.cancelled_tasks:
+            # a close that cut or cancelled something can leave a recognition's backchannel
+            # timer armed; a clean one ran every recognition close to its end
+            acts = list(close.activities)
+            disarm_recognitions(acts)
+            # so can the end of a speech the close cancelled that ends only now (its done
+            # callback sets the agent state listening, its first frame starts "playout")
+            disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()], acts)
     close.forget_speeches_of(session)
     close.end()
     session.off("close", on_close)
