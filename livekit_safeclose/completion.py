@@ -153,17 +153,7 @@ def _end(session: Any, close: BoundedClose, completed: bool, on_close: Callable[
     # down again
     session._closing_task = None
     if not session._started:
-        # a forced teardown's last agent-state change can re-arm upstream's user-away
-        # timer on the closed session (it would fire, and pin the session, later)
-        session._cancel_user_away_timer()
-        if close.forced or close.cancelled_tasks:
-            # a close that cut or cancelled something can leave a recognition's backchannel
-            # timer armed; a clean one ran every recognition close to its end
-            acts = list(close.activities)
-            disarm_recognitions(acts)
-            # so can the end of a speech the close cancelled that ends only now (its done
-            # callback sets the agent state listening, its first frame starts "playout")
-            disarm_when_done(session, [t for t in close.cancelled_tasks if not t.done()], acts)
+        disarm_closed(session, close)
     close.forget_speeches_of(session)
     close.end()
     session.off("close", on_close)
@@ -172,6 +162,23 @@ def _end(session: Any, close: BoundedClose, completed: bool, on_close: Callable[
     else:
         build = functools.partial(close.report, completed=completed)
         report_mod.publish_clean(session, build, close.reason, close.duration())
+
+
+def disarm_closed(session: Any, close: BoundedClose) -> None:
+    """Cancel the timers upstream re-arms on a session as its close ends, and again when
+    each task the close cancelled has ended."""
+    # a forced teardown's last agent-state change can re-arm upstream's user-away timer on
+    # the closed session (it would fire, and pin the session, later)
+    session._cancel_user_away_timer()
+    if close.forced or close.cancelled_tasks:
+        # a close that cut or cancelled something can leave a recognition's backchannel
+        # timer armed; a clean one ran every recognition close to its end
+        acts = list(close.activities)
+        disarm_recognitions(acts)
+        # so can the end of a task the close cancelled: one that ends only now, or one
+        # already done whose upstream done callbacks (the agent state set listening, a
+        # tool's end) are still queued (fuzz #6959): a callback added now runs after them
+        disarm_when_done(session, list(close.cancelled_tasks), acts)
 
 
 def disarm_when_done(session: Any, tasks: list[asyncio.Task[Any]], activities: Sequence[Any] = ()) -> None:

@@ -209,3 +209,66 @@ async def test_a_speech_that_starts_playout_after_the_close_leaves_no_backchanne
         assert pending == 0, "the closed activity kept a backchannel timer"
     else:
         assert pending == 1  # the failure the disarm prevents
+
+
+def _pending_user_away_timers(session: Any) -> int:
+    loop = asyncio.get_running_loop()
+    return sum(
+        1
+        for h in getattr(loop, "_scheduled", [])
+        if not h.cancelled() and getattr(h._callback, "__self__", None) is session
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("done_too", [True, False], ids=["layer", "layer-skipping-done-tasks"])
+async def test_a_cancelled_task_whose_done_callbacks_are_queued_leaves_no_user_away_timer(
+    done_too: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fuzz 10k #6959: a task the forced close cancelled can be done by the time the close
+    ends while upstream's done callbacks for it are still queued (a reply cancelled before its
+    tool started ends on its first step). The pipeline-reply callback then sets the agent
+    state listening on the closed session, which arms the user-away timer after the close
+    disarmed it. The layer disarmed only tasks not yet done; it now also waits out the queued
+    callbacks of done ones (a callback added to a done task runs after them). The control
+    restores the old filter. Vanilla never disarms that timer at all."""
+    from livekit_safeclose import completion
+    from livekit_safeclose.bounded_close import closing_of
+
+    if not done_too:
+        real = completion.disarm_when_done
+        monkeypatch.setattr(
+            completion,
+            "disarm_when_done",
+            lambda s, tasks, acts=(): real(s, [t for t in tasks if not t.done()], acts),
+        )
+    lsc.install(drain_timeout=0.2, close_timeout=1.0)
+    ctx = Ctx()
+    session = make_session(ctx)
+    await session.start(ScenarioAgent(ctx, on_enter="park"))  # the close forces it
+    activity = session._activity
+    await asyncio.wait_for(session.aclose(), 3)
+    close = closing_of(session, live_only=False)
+    assert close is not None and close.forced and _pending_user_away_timers(session) == 0
+
+    async def _reply() -> None:
+        return None
+
+    # a reply the close cancelled, as it stands when the close ends: done, upstream's
+    # callback queued behind its last step
+    reply = asyncio.ensure_future(_reply())
+    reply.add_done_callback(activity._on_pipeline_reply_done)
+    session._agent_state = "speaking"
+    await asyncio.sleep(0)
+    assert reply.done()
+    close.cancelled_tasks.add(reply)
+    completion.disarm_closed(session, close)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    pending = _pending_user_away_timers(session)
+    ctx.ledger.release()
+    if done_too:
+        assert pending == 0, "the closed session kept its user-away timer"
+    else:
+        assert pending == 1  # the failure the fix prevents

@@ -237,6 +237,20 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "the helper outlived the close. Every speech created from the first forcing on now "
         "counts (the session's speech_created event, listened to until the close ends).",
     ),
+    FuzzFound(
+        "fuzz-zombie-tools-queued-reply-end",
+        "a graceful close escalated past two zombie tools; a reply cancelled just as it ends",
+        Schedule(FuzzSetup(drain_timeout=0.3, graceful_timeout=0.5, transcript_timeout=0.05, stt_close="hang",
+                           tts_close="hang"),
+                 (Step("started"), Step("user", "tool:swallow"), Step("close", "graceful"),
+                  Step("close", "disconnect"), Step("user", "talk+tool:swallow"), Step("close", "shutdown"))),
+        description="Fuzz seed 1 #6959 (its minimal form failed 6 of 12 replays). A reply the close "
+        "cancelled was done when the close ended, but upstream's done callbacks for it (the "
+        "pipeline reply's, a tool's end) were still queued; they set the closed session's "
+        "agent state listening and re-armed the user-away timer after the close disarmed it. "
+        "The layer disarmed again only after tasks not yet done; a done task's disarm now "
+        "runs behind its queued callbacks.",
+    ),
 )  # fmt: skip
 
 
