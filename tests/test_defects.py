@@ -231,8 +231,10 @@ async def test_a_cancelled_task_whose_done_callbacks_are_queued_leaves_no_user_a
     tool started ends on its first step). The pipeline-reply callback then sets the agent
     state listening on the closed session, which arms the user-away timer after the close
     disarmed it. The layer disarmed only tasks not yet done; it now also waits out the queued
-    callbacks of done ones (a callback added to a done task runs after them). The control
-    restores the old filter. Vanilla never disarms that timer at all."""
+    callbacks of done ones (a callback added to a done task runs after them). Vanilla waits for
+    every speech task before its close cancels the timer, and on the fuzz schedule never closes
+    (``fuzz-zombie-tools-queued-reply-end``): the race is the layer's forced close, so the proof
+    of failure is the layer with the old filter restored."""
     from livekit_safeclose import completion
     from livekit_safeclose.bounded_close import closing_of
 

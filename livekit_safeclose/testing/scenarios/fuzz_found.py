@@ -240,8 +240,7 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
     FuzzFound(
         "fuzz-zombie-tools-queued-reply-end",
         "a graceful close escalated past two zombie tools; a reply cancelled just as it ends",
-        Schedule(FuzzSetup(drain_timeout=0.3, graceful_timeout=0.5, transcript_timeout=0.05, stt_close="hang",
-                           tts_close="hang"),
+        Schedule(FuzzSetup(drain_timeout=0.3, stt_close="hang", tts_close="hang"),
                  (Step("started"), Step("user", "tool:swallow"), Step("close", "graceful"),
                   Step("close", "disconnect"), Step("user", "talk+tool:swallow"), Step("close", "shutdown"))),
         description="Fuzz seed 1 #6959 (its minimal form failed 6 of 12 replays). A reply the close "
