@@ -177,7 +177,7 @@ def disarm_closed(session: Any, close: BoundedClose) -> None:
         disarm_recognitions(acts)
         # so can the end of a task the close cancelled: one that ends only now, or one
         # already done whose upstream done callbacks (the agent state set listening, a
-        # tool's end) are still queued (fuzz #6959): a callback added now runs after them
+        # tool's end) are still queued (fuzz #6959)
         disarm_when_done(session, list(close.cancelled_tasks), acts)
 
 
@@ -188,14 +188,19 @@ def disarm_when_done(session: Any, tasks: list[asyncio.Task[Any]], activities: S
     ref = weakref.ref(session)
     act_refs = [weakref.ref(a) for a in activities]
 
-    def _disarm(_: asyncio.Task[Any]) -> None:
+    def _disarm(_: asyncio.Task[Any] | None = None) -> None:
         s = ref()
         if s is not None and not s._started:
             s._cancel_user_away_timer()
             disarm_recognitions([a for r in act_refs if (a := r()) is not None])
 
-    for t in tasks:
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
         t.add_done_callback(_disarm)
+    if len(pending) < len(tasks):
+        # the done ones' upstream done callbacks may still be queued (fuzz #6959): one call
+        # scheduled now runs after all of them
+        asyncio.get_running_loop().call_soon(_disarm)
 
 
 def disarm_recognitions(activities: Sequence[Any]) -> None:

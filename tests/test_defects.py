@@ -212,12 +212,10 @@ async def test_a_speech_that_starts_playout_after_the_close_leaves_no_backchanne
 
 
 def _pending_user_away_timers(session: Any) -> int:
+    """Upstream's user-away timer (``call_later(..., session._update_user_state, "away")``)."""
     loop = asyncio.get_running_loop()
-    return sum(
-        1
-        for h in getattr(loop, "_scheduled", [])
-        if not h.cancelled() and getattr(h._callback, "__self__", None) is session
-    )
+    away = session._update_user_state
+    return sum(1 for h in getattr(loop, "_scheduled", []) if not h.cancelled() and h._callback == away)
 
 
 @pytest.mark.asyncio
@@ -231,7 +229,7 @@ async def test_a_cancelled_task_whose_done_callbacks_are_queued_leaves_no_user_a
     tool started ends on its first step). The pipeline-reply callback then sets the agent
     state listening on the closed session, which arms the user-away timer after the close
     disarmed it. The layer disarmed only tasks not yet done; it now also waits out the queued
-    callbacks of done ones (a callback added to a done task runs after them). Vanilla waits for
+    callbacks of done ones (one call scheduled at the close's end runs after them). Vanilla waits for
     every speech task before its close cancels the timer, and on the fuzz schedule never closes
     (``fuzz-zombie-tools-queued-reply-end``): the race is the layer's forced close, so the proof
     of failure is the layer with the old filter restored."""
