@@ -131,7 +131,7 @@ def wrap_drain(original: Method, _options: Any) -> Method:
             return resources
         close.touch(self)
         start = time.monotonic()
-        inner = asyncio.ensure_future(original(self, *args, **kwargs))
+        inner = close.watch(original(self, *args, **kwargs))
         inner.add_done_callback(functools.partial(_drained, close, self._session))
         forced = False
         try:
@@ -224,7 +224,7 @@ async def _graceful(close: BoundedClose, activity: Any, original: Method) -> asy
     the final transcript). ``None`` when it finished, else the abandoned task."""
     spare_waiters(close, activity)
     start = time.monotonic()
-    inner = asyncio.ensure_future(original(activity))
+    inner = close.watch(original(activity))
     if not await close.wait_until(inner, _sweep_at(close, start, math.inf)):
         close.escalate("close_timeout")
         await close.sweep_streams(activity._session, close.grace())
@@ -275,7 +275,7 @@ async def _forced(close: BoundedClose, activity: Any, original: Method) -> None:
         activity._lock = asyncio.Lock()
         close.record("activity.lock", time.monotonic(), "timeout", "held by an abandoned drain: a fresh lock")
     start = time.monotonic()
-    inner = asyncio.ensure_future(original(activity))
+    inner = close.watch(original(activity))
     first = _sweep_at(close, start, MODEL_CLOSE_ALLOWANCE, reserve=COMPLETE_RESERVE)
     if not await close.wait_until(inner, first):
         await close.sweep_streams(activity._session, close.grace())

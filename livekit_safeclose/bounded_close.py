@@ -18,11 +18,14 @@ Cancellation rules enforced here:
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
+from . import stacks
 from .close_bookkeeping import CloseBookkeeping
 from .options import Options
 from .report import logger
@@ -102,6 +105,8 @@ class BoundedClose(CloseBookkeeping):
         # waiting on one needs no task of its own
         self._loop = asyncio.get_running_loop()
         self._bound_waits: list[list[Any]] = []
+        # per task made by :meth:`watch`: the wakes of the waits on it, called from inside it
+        self._early_wakes: dict[asyncio.Future[Any], list[Callable[[], None]]] = {}
         self._phase_moved: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None  # the shared closing task
         self.upstream: asyncio.Future[None] | None = None  # upstream's close, watched
@@ -238,6 +243,21 @@ class BoundedClose(CloseBookkeeping):
         return min(self.grace(), now + max(0.0, self.steps_deadline() - now) / 4)
 
     # -- waiting -------------------------------------------------------------------------
+    def watch(self, aw: Awaitable[T]) -> asyncio.Task[T]:
+        """Run an upstream call in a task of its own, so that a bound can abandon it (an
+        await of a task that swallows cancellation cannot be cut short from inside the
+        awaiting task). The waits on it are woken from inside the task as it returns: one
+        loop turn to the waiter instead of the two a done callback takes (it still gets one,
+        for a task cancelled before it ever ran)."""
+        wakes: list[Callable[[], None]] = []
+        coro = _watched(aw, wakes)
+        # reports name the task after the upstream call, not after this wrapper
+        setattr(coro, "__qualname__", getattr(aw, "__qualname__", "watched"))  # noqa: B010
+        task = asyncio.ensure_future(coro)
+        self._early_wakes[task] = wakes
+        task.add_done_callback(functools.partial(_close_unstarted, aw))
+        return task
+
     async def _first(
         self, futs: tuple[asyncio.Future[Any], ...], deadline: float, bound: int | None = None
     ) -> None:
@@ -254,6 +274,9 @@ class BoundedClose(CloseBookkeeping):
 
         for f in futs:
             f.add_done_callback(wake)
+            early = self._early_wakes.get(f)
+            if early is not None:
+                early.append(wake)
         wait: list[Any] = [
             bound,
             wake,
@@ -270,6 +293,9 @@ class BoundedClose(CloseBookkeeping):
                 wait[2].cancel()
             for f in futs:
                 f.remove_done_callback(wake)
+                early = self._early_wakes.get(f)
+                if early is not None and wake in early:
+                    early.remove(wake)
 
     async def wait_until(self, fut: asyncio.Future[Any], deadline: float) -> bool:
         """Wait for ``fut`` until ``deadline``; never cancels it. True when it finished."""
@@ -351,10 +377,31 @@ class BoundedClose(CloseBookkeeping):
         """The close is over: it no longer acts, and its timer is gone."""
         self.ended = True
         self._ended_at = time.monotonic()
+        self._early_wakes.clear()
         if self._graceful_timer is not None:
             self._graceful_timer.cancel()
             self._graceful_timer = None
         self.release()
+
+
+async def _watched(aw: Awaitable[T], wakes: list[Callable[[], None]]) -> T:
+    """The body of a :meth:`BoundedClose.watch` task: invisible to every stack reader."""
+    try:
+        return await aw
+    finally:
+        for wake in wakes:
+            wake()
+
+
+stacks.transparent(_watched)
+
+
+def _close_unstarted(aw: Awaitable[Any], _: asyncio.Future[Any]) -> None:
+    """A watch task cancelled before it first ran never started the upstream call: closed,
+    it is not reported as never awaited."""
+    if getattr(aw, "cr_frame", None) is not None and inspect.iscoroutine(aw):
+        if inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
+            aw.close()
 
 
 #: where a session keeps its close (the live one, or the last one)

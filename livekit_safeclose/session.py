@@ -279,7 +279,7 @@ async def _closing_main(
         # matched now, while the parts that made them are reachable: a recognition close the
         # close cuts short drops its STT pipeline before that pipeline's stream has ended
         streams_mod.streams_of(session)
-        close.upstream = asyncio.ensure_future(original(session, reason=reason, drain=drain, error=error))
+        close.upstream = close.watch(original(session, reason=reason, drain=drain, error=error))
         await _watch(session, close)
     finally:
         # a close with nothing left to do ends in place; any other, in a task of its own

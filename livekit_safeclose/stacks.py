@@ -17,6 +17,14 @@ from typing import Any
 #: how deep one coroutine chain is followed, and how many awaited tasks are followed
 _MAX_DEPTH = 64
 _MAX_TASKS = 8
+#: the code of the layer's pass-through wrappers (a watched upstream call's task body):
+#: skipped, so the chain reads as if the upstream call ran as the task itself
+_TRANSPARENT: set[CodeType] = set()
+
+
+def transparent(fn: Any) -> None:
+    """Make ``fn``'s frames invisible to :func:`frames`."""
+    _TRANSPARENT.add(fn.__code__)
 
 
 def _coroutine_frames(obj: Any) -> Iterator[FrameType]:
@@ -26,7 +34,7 @@ def _coroutine_frames(obj: Any) -> Iterator[FrameType]:
         frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None)
         if frame is None and isinstance(obj, GeneratorType):
             frame = obj.gi_frame
-        if frame is not None:
+        if frame is not None and frame.f_code not in _TRANSPARENT:
             yield frame
         nxt = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
         if nxt is None and isinstance(obj, GeneratorType):

@@ -122,7 +122,8 @@ async def test_close_cancelled_from_outside_still_tears_down(patched: bool) -> N
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(session.aclose(), timeout=0.1)
     deadline = time.monotonic() + (2.2 if patched else 1.0)
-    while time.monotonic() < deadline and ctx.ledger.open_count() > 0:
+    # the streams end in the models phase, the close event a few loop turns after it
+    while time.monotonic() < deadline and (ctx.ledger.open_count() > 0 or (patched and not closes)):
         await asyncio.sleep(0.02)
     if patched:
         assert ctx.ledger.open_count() == 0
