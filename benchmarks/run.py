@@ -163,6 +163,14 @@ def _latency_rows(r: dict[str, Any]) -> list[Row]:
             ("healthy close at the floor p99, ms", _fmt(fv["p99_ms"]), _fmt(fl["p99_ms"]),
              f"layer/vanilla <= {FLOOR_RATIO_TARGET}", f"{fr['p99']:.3f} {_met(fr['p99'] <= FLOOR_RATIO_TARGET)}"),
         ]  # fmt: skip
+        bare = floor.get("skeleton")
+        if bare is not None:
+            br = bare["ratios"]
+            rows.append(
+                ("floor with the close's bare shape only (benchlib/skeleton.py) median / p99, ms",
+                 f"{_fmt(fv['median_ms'])} / {_fmt(fv['p99_ms'])}", f"{_fmt(bare['median_ms'])} / {_fmt(bare['p99_ms'])}",
+                 "(reported: the design's least)", f"{br['median']:.3f} / {br['p99']:.3f}"),
+            )  # fmt: skip
     forced = lay["forced"] + (floor["layer"]["forced"] if floor is not None else 0)
     rows.append(("healthy closes forced by the layer", "-", str(forced), "0", _met(forced == 0)))
     return rows

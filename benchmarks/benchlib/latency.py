@@ -9,13 +9,16 @@ Two configurations, interleaved the same way in the same run: ``healthy``, with 
 benchmark's final-transcript wait (``TRANSCRIPT_TIMEOUT``, which every close waits in full
 on the silent fake STT), and ``floor``, with ``session_close_transcript_timeout=0``: no
 wait at all, so what remains is the close's own fixed cost, and the ratio shows the layer's.
+The floor is also measured with :mod:`.skeleton` (the bounded close's bare shape: its
+closing task and watch tasks, none of its bookkeeping), the lowest ratio this design allows.
 """
 
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import Any, cast
 
+from . import skeleton
 from .common import TRANSCRIPT_TIMEOUT, Mode, close_session, forced, open_session, set_mode, summary
 
 #: configuration -> the final-transcript wait of its sessions
@@ -30,24 +33,47 @@ def _ratios(van: dict[str, float], lay: dict[str, float]) -> dict[str, float]:
     }
 
 
+#: the modes each configuration is measured in; the floor also with the close's bare shape
+MODES: dict[str, tuple[str, ...]] = {
+    "healthy": ("vanilla", "layer"),
+    "floor": ("vanilla", "layer", "skeleton"),
+}
+
+
+def _switch(mode: str) -> None:
+    """``vanilla``, ``layer`` or ``skeleton`` (see :mod:`.skeleton`): never two at once."""
+    if mode == "skeleton":
+        set_mode("vanilla")
+        skeleton.install()
+    else:
+        skeleton.uninstall()
+        set_mode(cast(Mode, mode))
+
+
+def _order(modes: tuple[str, ...], b: int) -> tuple[str, ...]:
+    """Each batch rotates the modes, so no mode always runs first or last."""
+    k = b % len(modes)
+    rotated = modes[k:] + modes[:k]
+    return rotated if b % 2 == 0 else rotated[::-1]
+
+
 async def run(mode: str, quick: bool) -> dict[str, Any]:
     n = 40 if quick else 500
     batch = 10 if quick else 25
     warmup = 3 if quick else 20
-    ms: dict[str, dict[Mode, list[float]]] = {c: {"vanilla": [], "layer": []} for c in CONFIGS}
+    ms: dict[str, dict[str, list[float]]] = {c: {m: [] for m in MODES[c]} for c in CONFIGS}
     forced_n = dict.fromkeys(CONFIGS, 0)
     not_closed = 0
-    for m in ("vanilla", "layer"):  # first sessions pay one-time costs: not measured
-        set_mode(m)
-        for wait in CONFIGS.values():
-            for _ in range(warmup):
+    for m in ("vanilla", "layer", "skeleton"):  # first sessions pay one-time costs: not measured
+        _switch(m)
+        for config, wait in CONFIGS.items():
+            for _ in range(warmup if m in MODES[config] else 0):
                 await close_session(await open_session(None, transcript_timeout=wait), 5.0)
     configs = list(CONFIGS)
     for b in range(n // batch):
-        order: tuple[Mode, Mode] = ("vanilla", "layer") if b % 2 == 0 else ("layer", "vanilla")
         for config in configs if b % 4 < 2 else configs[::-1]:
-            for m in order:
-                set_mode(m)
+            for m in _order(MODES[config], b):
+                _switch(m)
                 gc.collect()
                 for _ in range(batch):
                     opened = await open_session(None, transcript_timeout=CONFIGS[config])
@@ -56,7 +82,7 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
                     not_closed += not closed
                     if m == "layer":
                         forced_n[config] += forced(opened.session)
-    set_mode("vanilla")
+    _switch("vanilla")
     out: dict[str, Any] = {}
     for config, wait in CONFIGS.items():
         van, lay = summary(ms[config]["vanilla"]), summary(ms[config]["layer"])
@@ -66,6 +92,9 @@ async def run(mode: str, quick: bool) -> dict[str, Any]:
             "layer": {**lay, "forced": forced_n[config]},
             "ratios": _ratios(van, lay),
         }
+        if "skeleton" in ms[config]:
+            bare = summary(ms[config]["skeleton"])
+            out[config]["skeleton"] = {**bare, "ratios": _ratios(van, bare)}
     healthy = out.pop("healthy")
     return {
         "sessions_per_mode": n,
