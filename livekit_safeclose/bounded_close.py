@@ -18,14 +18,12 @@ Cancellation rules enforced here:
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-from . import stacks
+from . import watched
 from .close_bookkeeping import CloseBookkeeping
 from .options import Options
 from .report import logger
@@ -244,18 +242,11 @@ class BoundedClose(CloseBookkeeping):
 
     # -- waiting -------------------------------------------------------------------------
     def watch(self, aw: Awaitable[T]) -> asyncio.Task[T]:
-        """Run an upstream call in a task of its own, so that a bound can abandon it (an
-        await of a task that swallows cancellation cannot be cut short from inside the
-        awaiting task). The waits on it are woken from inside the task as it returns: one
-        loop turn to the waiter instead of the two a done callback takes (it still gets one,
-        for a task cancelled before it ever ran)."""
+        """Run an upstream call in a task of its own (see :mod:`.watched`), so that a bound
+        can abandon it; the waits on it are woken from inside that task as it returns."""
         wakes: list[Callable[[], None]] = []
-        coro = _watched(aw, wakes)
-        # reports name the task after the upstream call, not after this wrapper
-        setattr(coro, "__qualname__", getattr(aw, "__qualname__", "watched"))  # noqa: B010
-        task = asyncio.ensure_future(coro)
+        task = watched.start(aw, wakes)
         self._early_wakes[task] = wakes
-        task.add_done_callback(functools.partial(_close_unstarted, aw))
         return task
 
     async def _first(
@@ -382,26 +373,6 @@ class BoundedClose(CloseBookkeeping):
             self._graceful_timer.cancel()
             self._graceful_timer = None
         self.release()
-
-
-async def _watched(aw: Awaitable[T], wakes: list[Callable[[], None]]) -> T:
-    """The body of a :meth:`BoundedClose.watch` task: invisible to every stack reader."""
-    try:
-        return await aw
-    finally:
-        for wake in wakes:
-            wake()
-
-
-stacks.transparent(_watched)
-
-
-def _close_unstarted(aw: Awaitable[Any], _: asyncio.Future[Any]) -> None:
-    """A watch task cancelled before it first ran never started the upstream call: closed,
-    it is not reported as never awaited."""
-    if getattr(aw, "cr_frame", None) is not None and inspect.iscoroutine(aw):
-        if inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
-            aw.close()
 
 
 #: where a session keeps its close (the live one, or the last one)
