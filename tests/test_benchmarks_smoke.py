@@ -78,3 +78,15 @@ def test_a_partial_run_refuses_to_overwrite_the_committed_results() -> None:
     assert proc.returncode == 2 and "never writes" in proc.stderr, proc.stderr
     assert "running" not in proc.stderr  # refused before any section ran
     assert (latest.read_bytes() if latest.exists() else None) == before
+
+
+@pytest.mark.timeout(60)
+def test_the_floor_profile_prints_calls_per_close_and_its_table() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RUN.parent / "profile_floor.py"), "5"],
+        capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("vanilla: ") and lines[1].startswith("layer: ")
+    assert "| own time grown, profiled us/close | calls grown per close | function |" in lines
