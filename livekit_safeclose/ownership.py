@@ -28,6 +28,12 @@ def note_handed_over(session: Any, parts: Iterable[Any]) -> None:
         _handed_over.setdefault(session, weakref.WeakSet()).add(part)
 
 
+def handed_over(session: Any) -> list[Any]:
+    """The parts a handoff of ``session`` carries now (or carried last)."""
+    parts = _handed_over.get(session)
+    return list(parts) if parts else []
+
+
 def note_started(session: Any) -> None:
     _started_sessions.add(session)
 

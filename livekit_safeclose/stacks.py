@@ -27,6 +27,11 @@ def transparent(fn: Any) -> None:
     _TRANSPARENT.add(fn.__code__)
 
 
+def hidden(code: CodeType) -> bool:
+    """True for the code of a wrapper :func:`transparent` made invisible."""
+    return code in _TRANSPARENT
+
+
 def _coroutine_frames(obj: Any) -> Iterator[FrameType]:
     """Frames of one coroutine chain (coroutines, async generators, generator-based
     awaitables), outermost first."""

@@ -10,13 +10,21 @@ Registering costs one dict insert, one context-variable read and one done-callba
 stream, cheap enough to leave on in production. The ledger is also how a forced close finds
 the streams of *its* session that are still open and stops them.
 
-Attribution is lazy: a stream made inside a speech task (TTS, LLM) knows its session from
-upstream's activity context variable at once; one made elsewhere (the STT stream, opened by
-the recognition pump) only remembers the task that made it, and is matched to a session by
-that task's await chain when someone asks for the session's streams. A stream made by
-another stream's main task (a ``FallbackAdapter``'s inner and recovery streams) works for
-that stream's session, and is given it at creation: by then the STT pump that made the
-outer stream may be gone. Only that rare case walks frames at creation.
+Attribution happens when the stream opens, so a close never walks a stack to find its
+streams, and a process holding many sessions pays nothing per close for the others' streams:
+
+* a stream made inside a speech task (TTS, LLM) knows its session from upstream's activity
+  context variable;
+* a stream made by another stream's main task (a ``FallbackAdapter``'s inner and recovery
+  streams) works for that stream's session: by then the STT pump that made the outer stream
+  may be gone;
+* one made elsewhere (the STT stream, opened by the recognition pump) is given the session
+  whose audio recognition, or STT pipeline, is the ``self`` of one of the creating task's
+  outermost frames (its *makers*, read from the running stack as the stream opens). A stream
+  no session claims then is an *orphan*, matched when someone asks for a session's streams:
+  by its makers first, else by its creator's await chain.
+
+Each session's streams are indexed, so asking for them costs what the session has open.
 """
 
 from __future__ import annotations
@@ -24,14 +32,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from . import metrics, stacks
-from .ownership import noted_sessions, objects_of
+from .ownership import activities_of, handed_over, noted_sessions, objects_of
 
 #: the stream base classes the ledger wraps, and the kind each counts as
 KINDS: dict[str, str] = {
@@ -53,6 +63,8 @@ class OpenStream:
     task: asyncio.Task[Any]
     session_ref: weakref.ReferenceType[Any] | None
     creator: weakref.ReferenceType[asyncio.Task[Any]] | None
+    #: the ``self`` of the creator's outermost frames as the stream opened (orphans only)
+    makers: tuple[weakref.ReferenceType[Any], ...] = ()
 
     @property
     def session(self) -> Any:
@@ -64,6 +76,10 @@ class OpenStream:
 
 
 _open: dict[int, OpenStream] = {}
+#: the open streams no session has claimed yet (keys as in ``_open``)
+_orphans: dict[int, OpenStream] = {}
+#: per session, its open streams (keys as in ``_open``)
+_by_session: weakref.WeakKeyDictionary[Any, dict[int, OpenStream]] = weakref.WeakKeyDictionary()
 # sessions that opened a stream: whom a model instance may be shared with
 _sessions: weakref.WeakSet[Any] = weakref.WeakSet()
 _context_var: Any = None
@@ -95,35 +111,110 @@ def register(stream: Any, kind: str, session: Any = None) -> None:
         return
     owner = session if session is not None else _speech_session()
     current = asyncio.current_task()
+    makers: tuple[weakref.ReferenceType[Any], ...] = ()
     if owner is None and current is not None:
         owner = _parent_session(current)
-    _track(stream, kind, task, owner, current if owner is None else None)
+        if owner is None:
+            makers = _makers(current)
+            owner = _claimant(makers)
+    _track(stream, kind, task, owner, current if owner is None else None, makers)
 
 
 def _track(
-    stream: Any, kind: str, task: asyncio.Task[Any], owner: Any, creator: asyncio.Task[Any] | None
+    stream: Any,
+    kind: str,
+    task: asyncio.Task[Any],
+    owner: Any,
+    creator: asyncio.Task[Any] | None,
+    makers: tuple[weakref.ReferenceType[Any], ...] = (),
 ) -> None:
-    if owner is not None:
-        _sessions.add(owner)
     key = id(stream)
-    fresh = key not in _open
-    _open[key] = OpenStream(
-        stream,
-        kind,
-        task,
-        weakref.ref(owner) if owner is not None else None,
-        weakref.ref(creator) if creator is not None else None,
+    old = _open.get(key)
+    if old is not None:
+        _forget(key, old)
+    entry = _open[key] = OpenStream(
+        stream, kind, task, None, weakref.ref(creator) if creator is not None else None, makers
     )
-    if fresh:
+    if owner is not None:
+        _give(entry, owner)
+    else:
+        _orphans[key] = entry
+    if old is None:
         metrics.stream_opened(kind)
 
     def _closed(_: asyncio.Task[Any], key: int = key, stream: Any = stream) -> None:
         entry = _open.get(key)
         if entry is not None and entry.stream is stream:
             del _open[key]
+            _forget(key, entry)
             metrics.stream_closed(entry.kind)
 
     task.add_done_callback(_closed)
+
+
+def _give(entry: OpenStream, session: Any) -> None:
+    """``entry``'s stream works for ``session`` from now on."""
+    key = id(entry.stream)
+    entry.session_ref = weakref.ref(session)
+    _sessions.add(session)
+    _orphans.pop(key, None)
+    _by_session.setdefault(session, {})[key] = entry
+
+
+def _forget(key: int, entry: OpenStream) -> None:
+    """``entry`` is no longer an open stream (it ended, or the same object was re-registered)."""
+    _orphans.pop(key, None)
+    owner = entry.session
+    if owner is not None:
+        mine = _by_session.get(owner)
+        if mine is not None and mine.get(key) is entry:
+            del mine[key]
+            if not mine:
+                del _by_session[owner]
+
+
+def _makers(task: asyncio.Task[Any]) -> tuple[weakref.ReferenceType[Any], ...]:
+    """The ``self`` of the outermost frames (a decorator's wrapper may come first) of the
+    running ``task``, read from the running stack: a running coroutine's await chain is
+    not readable from the task until it suspends."""
+    root = getattr(task.get_coro(), "cr_frame", None)
+    chain: list[FrameType] = []
+    at: FrameType | None = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if at is None:
+            return ()
+        chain.append(at)
+        if at is root:
+            break
+        at = at.f_back
+    else:
+        return ()
+    out: list[weakref.ReferenceType[Any]] = []
+    for frame in itertools.islice(reversed(chain), 3):
+        code = frame.f_code
+        if stacks.hidden(code):
+            continue
+        if code.co_argcount and code.co_varnames[0] == "self":
+            try:
+                out.append(weakref.ref(frame.f_locals["self"]))
+            except (KeyError, TypeError):
+                continue
+    return tuple(out)
+
+
+#: how far up the running stack :func:`_makers` looks for the creating task's root frame
+_MAX_FRAMES = 64
+
+
+def _claimant(makers: tuple[weakref.ReferenceType[Any], ...]) -> Any:
+    """The noted session one of ``makers`` is a recognition part of, if any."""
+    if not makers:
+        return None
+    for session in noted_sessions():
+        parts = _recognition_parts(session, _activities_of_close(session))
+        if any(m() is p for m in makers for p in parts):
+            return session
+    return None
 
 
 def _parent_session(task: asyncio.Task[Any]) -> Any:
@@ -154,46 +245,44 @@ def session_of(stream: Any) -> Any:
 
 
 def _attribute(session: Any) -> None:
-    """Give ``session`` the unattributed open streams it holds (a realtime session is an
-    activity's own part) or whose creator works for it."""
-    orphans = [e for e in list(_open.values()) if e.session_ref is None]
-    if not orphans:
+    """Give ``session`` the orphans it holds (a realtime session is an activity's own part),
+    whose makers are its recognition parts, or whose creator works for it; an orphan whose
+    makers another session now claims is given to that one."""
+    if not _orphans:
         return
     acts = _activities_of_close(session)
-    orphans = [e for e in orphans if not _made_by_recognition(e, session, acts)]
-    if not orphans:
+    parts = _recognition_parts(session, acts)
+    rest: list[OpenStream] = []
+    for entry in list(_orphans.values()):
+        if entry.makers and any(m() is p for m in entry.makers for p in parts):
+            _give(entry, session)
+        elif entry.makers and (other := _claimant(entry.makers)) is not None:
+            _give(entry, other)  # another session's: no reason to walk its creator's chain
+        else:
+            rest.append(entry)
+    if not rest:
         return
     owned = objects_of(session, acts)
-    for entry in orphans:
+    for entry in rest:
         creator = entry.creator() if entry.creator is not None else None
         if id(entry.stream) in owned or (
             creator is not None and not creator.done() and stacks.works_for(creator, owned)
         ):
-            entry.session_ref = weakref.ref(session)
-            _sessions.add(session)
+            _give(entry, session)
 
 
-def _made_by_recognition(entry: OpenStream, session: Any, acts: list[Any]) -> bool:
-    """The common case, decided from the creator's outermost frames (a decorator's wrapper
-    may come first): the stream was made by a method of the session's own audio recognition
-    or its STT pipeline (the STT pump). Then it is given the session."""
-    creator = entry.creator() if entry.creator is not None else None
-    if creator is None or creator.done():
-        return False
-    parts = []
-    for act in [*acts, session._activity]:
+def _recognition_parts(session: Any, acts: list[Any]) -> list[Any]:
+    """The session's audio recognitions and their STT pipelines (the makers of its STT
+    streams), a pipeline a handoff carries included."""
+    parts: list[Any] = list(handed_over(session))
+    for act in [*acts, *activities_of(session)]:
         recognition = getattr(act, "_audio_recognition", None)
         if recognition is not None:
-            parts += [recognition, getattr(recognition, "_stt_pipeline", None)]
-    for frame in itertools.islice(stacks.frames(creator, into_tasks=False), 3):
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            maker = frame.f_locals.get("self")
-            if any(maker is p for p in parts if p is not None):
-                entry.session_ref = weakref.ref(session)
-                _sessions.add(session)
-                return True
-    return False
+            parts.append(recognition)
+            pipeline = getattr(recognition, "_stt_pipeline", None)
+            if pipeline is not None:
+                parts.append(pipeline)
+    return parts
 
 
 def _activities_of_close(session: Any) -> list[Any]:
@@ -206,7 +295,8 @@ def _activities_of_close(session: Any) -> list[Any]:
 def streams_of(session: Any) -> list[OpenStream]:
     """The open streams of ``session``."""
     _attribute(session)
-    return [e for e in list(_open.values()) if e.session is session]
+    mine = _by_session.get(session)
+    return list(mine.values()) if mine else []
 
 
 def known_sessions() -> list[Any]:
