@@ -90,3 +90,16 @@ def test_the_floor_profile_prints_calls_per_close_and_its_table() -> None:
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("vanilla: ") and lines[1].startswith("layer: ")
     assert "| own time grown, profiled us/close | calls grown per close | function |" in lines
+
+
+@pytest.mark.timeout(60)
+def test_the_streams_cost_prints_one_row_per_count_of_other_sessions() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RUN.parent / "streams_cost.py"), "3", "0", "2"],
+        capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "| other sessions open | streams_of, us per close | calls per close |"
+    assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["0", "2"]
+    assert all(ln.split("|")[3].strip() == "2" for ln in lines[2:])  # twice per close
