@@ -38,6 +38,11 @@ def note_started(session: Any) -> None:
     _started_sessions.add(session)
 
 
+def is_noted(obj: Any) -> bool:
+    """True when ``obj`` is a session noted by ``start()``."""
+    return obj in _started_sessions  # a WeakSet: False for what cannot be weakly referenced
+
+
 def noted_sessions() -> list[Any]:
     """Every session noted by ``start()`` that is still alive: started, starting (whose
     streams open before ``_started`` is set) or closed."""

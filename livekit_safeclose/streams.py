@@ -20,9 +20,10 @@ streams, and a process holding many sessions pays nothing per close for the othe
   may be gone;
 * one made elsewhere (the STT stream, opened by the recognition pump) is given the session
   whose audio recognition, or STT pipeline, is the ``self`` of one of the creating task's
-  outermost frames (its *makers*, read from the running stack as the stream opens). A stream
-  no session claims then is an *orphan*, matched when someone asks for a session's streams:
-  by its makers first, else by its creator's await chain.
+  outermost frames (its *makers*, read from the running stack as the stream opens); the
+  session a maker names is asked first, so an open costs the same however many sessions the
+  process holds. A stream no session claims then is an *orphan*, matched when someone asks
+  for a session's streams: by its makers first, else by its creator's await chain.
 
 Each session's streams are indexed, so asking for them costs what the session has open.
 """
@@ -41,7 +42,7 @@ from types import FrameType
 from typing import Any
 
 from . import metrics, stacks
-from .ownership import activities_of, handed_over, noted_sessions, objects_of
+from .ownership import activities_of, handed_over, is_noted, noted_sessions, objects_of
 
 #: the stream base classes the ledger wraps, and the kind each counts as
 KINDS: dict[str, str] = {
@@ -76,6 +77,8 @@ class OpenStream:
 
 
 _open: dict[int, OpenStream] = {}
+#: the open streams by main task: a stream made inside one works for that stream's session
+_by_task: dict[asyncio.Task[Any], OpenStream] = {}
 #: the open streams no session has claimed yet (keys as in ``_open``)
 _orphans: dict[int, OpenStream] = {}
 #: per session, its open streams (keys as in ``_open``)
@@ -135,6 +138,7 @@ def _track(
     entry = _open[key] = OpenStream(
         stream, kind, task, None, weakref.ref(creator) if creator is not None else None, makers
     )
+    _by_task[task] = entry
     if owner is not None:
         _give(entry, owner)
     else:
@@ -164,6 +168,8 @@ def _give(entry: OpenStream, session: Any) -> None:
 def _forget(key: int, entry: OpenStream) -> None:
     """``entry`` is no longer an open stream (it ended, or the same object was re-registered)."""
     _orphans.pop(key, None)
+    if _by_task.get(entry.task) is entry:
+        del _by_task[entry.task]
     owner = entry.session
     if owner is not None:
         mine = _by_session.get(owner)
@@ -207,22 +213,37 @@ _MAX_FRAMES = 64
 
 
 def _claimant(makers: tuple[weakref.ReferenceType[Any], ...]) -> Any:
-    """The noted session one of ``makers`` is a recognition part of, if any."""
-    if not makers:
+    """The noted session one of ``makers`` is a recognition part of, if any. The sessions
+    the makers name are asked first, so a stream opening costs the same however many
+    sessions the process holds; every other noted session only when none of those claims it."""
+    objs = [o for m in makers if (o := m()) is not None]
+    if not objs:
         return None
-    for session in noted_sessions():
-        parts = _recognition_parts(session, _activities_of_close(session))
-        if any(m() is p for m in makers for p in parts):
+    named = [s for o in objs for s in _named_sessions(o)]
+    for session in named:
+        if _makes_for(session, objs):
             return session
-    return None
+    return next((s for s in noted_sessions() if s not in named and _makes_for(s, objs)), None)
+
+
+def _makes_for(session: Any, objs: list[Any]) -> bool:
+    """One of ``objs`` is a recognition part of ``session``."""
+    parts = _recognition_parts(session, _activities_of_close(session))
+    return any(o is p for o in objs for p in parts)
+
+
+def _named_sessions(part: Any) -> list[Any]:
+    """The noted sessions ``part`` names: an audio recognition's ``_session``, an STT
+    pipeline's ``_is_closing`` (upstream passes the session's own bound method). Only a
+    hint, read with defaults: the caller checks the part is really that session's."""
+    hints = (getattr(part, "_session", None), getattr(getattr(part, "_is_closing", None), "__self__", None))
+    return [s for s in hints if s is not None and is_noted(s)]
 
 
 def _parent_session(task: asyncio.Task[Any]) -> Any:
     """The session of the open stream whose main task is ``task``, if any."""
-    for entry in list(_open.values()):
-        if entry.task is task:
-            return session_of(entry.stream)
-    return None
+    entry = _by_task.get(task)
+    return session_of(entry.stream) if entry is not None else None
 
 
 def entry_of(obj: Any) -> OpenStream | None:

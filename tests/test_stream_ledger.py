@@ -3,8 +3,10 @@ session's streams (twice on every close) walks no stack and costs what that sess
 open, however many other sessions the process holds.
 
 Before, the STT stream stayed unattributed until a close asked, and every close then walked
-the await chain of every other session's STT pump: 55 us per close alone, 768 us with 30
-other sessions open; 5 and 10 us now (``.venv/bin/python benchmarks/streams_cost.py``).
+the await chain of every other session's STT pump: 41 us per close alone, 883 us with 30
+other sessions open; 6 and 11 us now. An STT stream's open asks the session its pump's part
+names, so it too stays flat: 79 us alone, 86 us with 30 others
+(``.venv/bin/python benchmarks/streams_cost.py 100``).
 """
 
 from __future__ import annotations
@@ -108,5 +110,45 @@ async def test_a_stream_without_makers_is_matched_by_its_creators_chain(
         assert entry.session is None and entry.creator is not None
         assert lsc.open_streams(sessions[0])["stt"] == 1
         assert entry.session is sessions[0]
+    finally:
+        await _close_all(sessions)
+
+
+async def test_an_opening_stream_asks_only_the_session_its_maker_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Opening a session's STT stream costs the same however many sessions the process
+    holds: the session the pump's part names claims it, and no other session is asked."""
+    lsc.install(drain_timeout=0.3, close_timeout=2.0)
+    held = await _started(3)
+    asked: list[Any] = []
+    real = streams._recognition_parts
+
+    def counted(session: Any, acts: list[Any]) -> list[Any]:
+        asked.append(session)
+        return real(session, acts)
+
+    with monkeypatch.context() as m:
+        m.setattr(streams, "_recognition_parts", counted)
+        m.setattr(streams, "noted_sessions", lambda: pytest.fail("every session was asked"))
+        (session,) = await _started(1)
+    try:
+        assert [id(s) for s in asked] == [id(session)]
+        assert lsc.open_streams(session)["stt"] == 1
+    finally:
+        await _close_all([*held, session])
+
+
+async def test_a_stream_whose_maker_names_no_session_is_claimed_by_asking_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The part's hint is only a shortcut (a release whose parts name no session): without
+    it, the sessions are asked in turn, and the right one still claims the stream."""
+    lsc.install(drain_timeout=0.3, close_timeout=2.0)
+    monkeypatch.setattr(streams, "_named_sessions", lambda _part: [])
+    sessions = await _started(3)
+    try:
+        assert not streams._orphans
+        assert {id(e.session) for e in _stt_entries()} == {id(s) for s in sessions}
     finally:
         await _close_all(sessions)
