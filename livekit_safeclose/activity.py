@@ -99,6 +99,29 @@ def spare_waiters(close: BoundedClose, activity: Any) -> None:
     forget_tool_tasks(activity, close.waiters)
 
 
+def spare_own_tool(activity: Any) -> None:
+    """An activity closed from inside one of its own tools would wait for that tool (a
+    non-cancellable one: a self-await that never ends) or cancel it (ending the close
+    midway): upstream's ``AgentTask``, awaited in a tool, closes the activity it paused when
+    the agent changed meanwhile. The caller is taken out of the executor's registry first,
+    as a drain's blocked tasks are: the close runs to its end, then the tool goes on. Its
+    speech can only end after the tool, so for the close's wait on the interrupted
+    background speeches it is interrupted and done, as upstream's interruption timeout
+    marks it (releases without a tool registry wait there instead)."""
+    me = asyncio.current_task()
+    if me is None:
+        return
+    forget_tool_tasks(activity, {me})
+    from livekit.agents.voice.agent import _get_activity_task_info
+
+    info = _get_activity_task_info(me)
+    handle = info.speech_handle if info is not None and info.function_call is not None else None
+    if handle is not None and not handle.done() and handle.allow_interruptions:
+        if handle in getattr(activity, "_background_speeches", ()):
+            handle.interrupt()
+            handle._mark_done()
+
+
 def _outcome(fut: asyncio.Future[Any]) -> tuple[StepOutcome, str]:
     if fut.cancelled():
         return "cancelled", ""
@@ -192,6 +215,8 @@ def wrap_aclose(original: Method, _options: Any) -> Method:
 
     @functools.wraps(original)
     async def aclose(self: Any) -> None:
+        if not self._closed:
+            spare_own_tool(self)
         close = closing_of(self._session)
         if close is None or self._closed:
             await original(self)

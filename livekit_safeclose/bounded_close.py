@@ -263,10 +263,14 @@ class BoundedClose(CloseBookkeeping):
             if not waiter.done():
                 waiter.set_result(None)
 
-        for f in futs:
-            f.add_done_callback(wake)
-            early = self._early_wakes.get(f)
-            if early is not None:
+        # a task made by watch() wakes its waits itself (from inside, and as it ends): they
+        # add no done callback of their own
+        early_wakes = self._early_wakes
+        registered = [(f, early_wakes.get(f)) for f in futs]
+        for f, early in registered:
+            if early is None:
+                f.add_done_callback(wake)
+            else:
                 early.append(wake)
         wait: list[Any] = [
             bound,
@@ -282,10 +286,10 @@ class BoundedClose(CloseBookkeeping):
                 self._bound_waits.remove(wait)
             if wait[2] is not None:
                 wait[2].cancel()
-            for f in futs:
-                f.remove_done_callback(wake)
-                early = self._early_wakes.get(f)
-                if early is not None and wake in early:
+            for f, early in registered:
+                if early is None:
+                    f.remove_done_callback(wake)
+                elif wake in early:
                     early.remove(wake)
 
     async def wait_until(self, fut: asyncio.Future[Any], deadline: float) -> bool:

@@ -9,8 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Coroutine
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _run_untorn(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro`` in a new event loop that is not torn down after it (asyncio.run's teardown
+    cancels every task left, and a vanilla await cycle, a tool closing its own activity,
+    makes Task.cancel() recurse until RecursionError after the run already counted it).
+    The caller exits the process without interpreter teardown."""
+    return asyncio.new_event_loop().run_until_complete(coro)
 
 
 def run_one(args: argparse.Namespace) -> int:
@@ -38,7 +49,7 @@ def run_one(args: argparse.Namespace) -> int:
         d["clean"] = out.clean
         return d
 
-    print(json.dumps(asyncio.run(main())), flush=True)
+    print(json.dumps(_run_untorn(main())), flush=True)
     return 0
 
 
@@ -100,7 +111,7 @@ def run_e2e(args: argparse.Namespace) -> int:
             "report": out.report.to_dict() if out.report is not None else None,
         }
 
-    print(json.dumps(asyncio.run(main())), flush=True)
+    print(json.dumps(_run_untorn(main())), flush=True)
     return 0
 
 
@@ -124,5 +135,5 @@ def _run_fallback(args: argparse.Namespace) -> int:
             )
         return out.as_row(args.scenario)
 
-    print(json.dumps(asyncio.run(main())), flush=True)
+    print(json.dumps(_run_untorn(main())), flush=True)
     return 0

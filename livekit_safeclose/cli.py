@@ -260,7 +260,7 @@ def _fuzz_parser(sub: Any) -> None:
 
 def _fuzz(args: argparse.Namespace) -> int:
     """``fuzz``: how many schedules ran, how many failed, and each failure's minimal
-    reproducer as a catalogue entry; exit 0 only when none failed."""
+    reproducer as a catalogue entry; exit 0 only when none failed and every schedule ran."""
     missing = [m for m in ("hypothesis", *_CHECK_NEEDS) if not _installed(m)]
     if missing:
         print(f"error: livekit-safeclose fuzz needs {', '.join(missing)}; run: pip install {_TESTING_EXTRA}",
@@ -277,7 +277,7 @@ def _fuzz(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print(engine.describe(summary))
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.harness_errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_run":
         from .check_child import run_one
 
-        return run_one(args)
+        code = run_one(args)
+        sys.stdout.flush()  # printed: what the run left is not torn down (see _run_untorn)
+        os._exit(code)
     if args.command == "_run_e2e":
         from .check_child import run_e2e
 

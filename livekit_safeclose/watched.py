@@ -8,7 +8,10 @@ at the close's bound while the close goes on.
 Rules enforced here:
 
 * the waits on the call are woken from inside its task as it returns (the ``finally`` of
-  :func:`_watched`): one loop turn to the waiter instead of the two a done callback takes;
+  :func:`_watched`): one loop turn to the waiter instead of the two a done callback takes.
+  The task's one done callback (:func:`_ended`) wakes what is left: the waits of a task
+  that ended without running its body (cancelled before it first ran). So the waits add no
+  done callback of their own;
 * the wrapper is invisible to every stack reader (:func:`.stacks.transparent`) and the task
   carries the upstream call's name, so reports read as if the call ran as the task itself;
 * a task cancelled before it first ran never started the call: the call's coroutine is
@@ -34,7 +37,7 @@ def start(aw: Awaitable[T], wakes: list[Callable[[], None]]) -> asyncio.Task[T]:
     coro = _watched(aw, wakes)
     setattr(coro, "__qualname__", getattr(aw, "__qualname__", "watched"))  # noqa: B010
     task = asyncio.ensure_future(coro)
-    task.add_done_callback(functools.partial(_close_unstarted, aw))
+    task.add_done_callback(functools.partial(_ended, aw, wakes))
     return task
 
 
@@ -44,12 +47,16 @@ async def _watched(aw: Awaitable[T], wakes: list[Callable[[], None]]) -> T:
     finally:
         for wake in wakes:
             wake()
+        wakes.clear()  # woken: the done callback has none left to wake
 
 
 stacks.transparent(_watched)
 
 
-def _close_unstarted(aw: Awaitable[Any], _: asyncio.Future[Any]) -> None:
+def _ended(aw: Awaitable[Any], wakes: list[Callable[[], None]], _: asyncio.Future[Any]) -> None:
+    """The task ended: a call it never started is closed, and every wait on it is woken."""
     if getattr(aw, "cr_frame", None) is not None and inspect.iscoroutine(aw):
         if inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
             aw.close()
+    for wake in list(wakes):
+        wake()

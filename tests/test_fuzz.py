@@ -160,3 +160,68 @@ def test_fuzz_loop_is_isolated() -> None:
     finally:
         loop.close()
     assert first == [True, True]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(10)
+async def test_cleanup_survives_an_await_cycle() -> None:
+    """A task awaiting a gather of itself (what upstream's tool drain did from inside the
+    tool, fuzz seed 11 #1260): ``Task.cancel()`` recurses around it until RecursionError,
+    which killed the fuzz worker. The cleanup returns the task instead of raising."""
+    from livekit_safeclose.testing._runs import cancel_since
+
+    before = set(asyncio.all_tasks())
+    holder: list[asyncio.Future[Any]] = []
+
+    async def awaits_itself() -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        holder.append(asyncio.gather(me))
+        await holder[0]
+
+    task = asyncio.create_task(awaits_itself())
+    await asyncio.sleep(0)
+    assert await cancel_since(before, timeout=0.05) == [task]
+    holder[0].set_result([None])  # the test ends the cycle itself
+    await asyncio.wait({task}, timeout=1)
+    assert task.done()
+
+
+def test_a_replay_that_raises_is_a_harness_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay that raises is reported (and re-run) as a ``harness`` violation, and the
+    schedules after it still run, in a fresh loop."""
+    real = engine.replay
+    calls: list[int] = []
+
+    async def flaky(schedule: Schedule, *, patched: bool = True) -> Verdict:
+        calls.append(len(calls))
+        if len(calls) <= 2:  # the schedule and its confirmation
+            raise RecursionError("maximum recursion depth exceeded")
+        return await real(schedule, patched=patched)
+
+    monkeypatch.setattr(engine, "replay", flaky)
+    got: list[tuple[int, list[str]]] = []
+    engine.run_indices(CI_SEED, range(2), patched=True, on_result=lambda i, v: got.append((i, v.invariants)))
+    assert got[0] == (0, ["harness"]) and got[1] == (-1, ["harness"])
+    assert got[2][0] == 1 and "harness" not in got[2][1]
+
+
+def test_a_worker_that_dies_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process that exits before reporting its share names the first schedule it
+    did not run; ``fuzz`` then exits non-zero instead of printing a shorter clean run."""
+    line = json.dumps({"i": 0, "index": 0, "seed": 1, "patched": True, "seconds": 0.1, "violations": []})
+    real_popen = subprocess.Popen
+
+    def dying_worker(cmd: list[str], **kw: Any) -> Any:
+        w = int(cmd[6])
+        script = f"print({line!r}.replace('\"i\": 0', '\"i\": {w}')); raise SystemExit(3)"
+        return real_popen([sys.executable, "-c", script], **kw)
+
+    monkeypatch.setattr(engine.subprocess, "Popen", dying_worker)
+    results: list[int] = []
+    errors = engine._run_workers(6, 1, patched=True, jobs=2, on_result=lambda i, v: results.append(i))
+    assert sorted(results) == [0, 1]
+    assert errors == [
+        "worker 0 exited with code 3 after 1 of its 3 schedules: 2 did not run (#2, then every 2 on)",
+        "worker 1 exited with code 3 after 1 of its 3 schedules: 2 did not run (#3, then every 2 on)",
+    ]

@@ -57,3 +57,15 @@ async def test_cancelled_before_it_ran_closes_the_call_unawaited() -> None:
         del coro
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+async def test_cancelled_before_it_ran_still_wakes_its_waits() -> None:
+    """The waits on a watched task add no done callback of their own: one that ended without
+    running its body is woken by the task's own done callback."""
+    seen: list[bool] = []
+    task = watched.start(_upstream_call(asyncio.Event()), [lambda: seen.append(task.done())])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    await asyncio.sleep(0)
+    assert seen == [True]

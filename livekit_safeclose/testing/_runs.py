@@ -38,13 +38,22 @@ def tasks_since(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
     return [t for t in asyncio.all_tasks() if t not in before and t is not me and not t.done()]
 
 
-async def cancel_since(before: set[asyncio.Task[Any]], timeout: float = 0.5) -> None:
-    """Cancel what a run left behind and give it ``timeout`` to go (bounded: zombies stay)."""
+async def cancel_since(before: set[asyncio.Task[Any]], timeout: float = 0.5) -> list[asyncio.Task[Any]]:
+    """Cancel what a run left behind and give it ``timeout`` to go (bounded: zombies stay).
+    Returns the leftovers that could not be cancelled: tasks awaiting each other in a cycle,
+    where ``Task.cancel()`` forwards around the cycle until ``RecursionError`` (Python
+    3.11 does not stop at a task already being cancelled). They are left running, and the
+    caller decides whether that is a finding; the cleanup itself never raises for them."""
     leftovers = tasks_since(before)
+    cyclic: list[asyncio.Task[Any]] = []
     for t in leftovers:
-        t.cancel()
+        try:
+            t.cancel()
+        except RecursionError:
+            cyclic.append(t)
     if leftovers:
         await asyncio.wait(leftovers, timeout=timeout)
+    return cyclic
 
 
 async def close_ended(session: Any) -> None:

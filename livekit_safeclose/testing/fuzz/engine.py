@@ -68,6 +68,8 @@ class Summary:
     ran: int = 0
     slowest: float = 0.0
     failures: list[Failure] = field(default_factory=list)
+    #: what kept schedules from running (a worker process that died): never a silent gap
+    harness_errors: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Failure]:
@@ -88,6 +90,7 @@ class Summary:
             "schedules_per_second": round(self.ran / self.seconds, 2) if self.seconds else 0.0,
             "slowest_schedule_s": round(self.slowest, 2),
             "failures": [f.to_dict() for f in self.failures],
+            "harness_errors": self.harness_errors,
         }
 
 
@@ -107,21 +110,36 @@ def run_indices(
 
     _quiet_logs()
     load_vad()
-    loop = asyncio.new_event_loop()
+    loops = [asyncio.new_event_loop()]
     try:
         for i in indices:
             schedule, _ = generate_one(seed, i)
-            verdict = loop.run_until_complete(replay(schedule, patched=patched))
+            verdict = _replay_in(loops, schedule, patched)
             on_result(i, verdict)
             if not verdict.ok and patched:
                 again = verdict
                 for _ in range(CONFIRMATIONS):
-                    again = loop.run_until_complete(replay(schedule, patched=patched))
+                    again = _replay_in(loops, schedule, patched)
                     if not set(verdict.invariants) & set(again.invariants):
                         break
                 on_result(-1 - i, again)
     finally:
-        loop.close()
+        loops[-1].close()
+
+
+def _replay_in(loops: list[asyncio.AbstractEventLoop], schedule: Schedule, patched: bool) -> Verdict:
+    """One replay in the last of ``loops``. A replay that raises is a ``harness`` violation
+    (it is confirmed and shrunk like any other), and the schedules after it get a fresh loop:
+    what the raising one left in its loop is abandoned with it, not closed."""
+    from .invariants import Violation
+
+    t0 = time.monotonic()
+    try:
+        return loops[-1].run_until_complete(replay(schedule, patched=patched))
+    except Exception as exc:
+        loops.append(asyncio.new_event_loop())
+        detail = f"the replay raised {type(exc).__name__}: {str(exc)[:200]}"
+        return Verdict(schedule, patched, time.monotonic() - t0, [Violation("harness", detail)])
 
 
 def run(
@@ -151,7 +169,7 @@ def run(
             progress(f"#{index} failed ({state}): {'; '.join(str(x) for x in first[index].violations)}")
 
     if jobs > 1:
-        _run_workers(n, seed, patched=patched, jobs=jobs, on_result=on_result)
+        summary.harness_errors = _run_workers(n, seed, patched=patched, jobs=jobs, on_result=on_result)
     else:
         run_indices(seed, range(n), patched=patched, on_result=on_result)
     summary.failures.sort(key=lambda f: f.index)
@@ -268,9 +286,10 @@ def _example_database(choices: list[int]) -> Any:
 
 def _run_workers(
     n: int, seed: int, *, patched: bool, jobs: int, on_result: Callable[[int, Verdict], None]
-) -> None:
+) -> list[str]:
     """``jobs`` worker processes, worker ``w`` running indices ``w, w + jobs, ...``; each
-    prints one JSON line per replay."""
+    prints one JSON line per replay. Returns what went wrong with the workers: one that
+    exited early or with an error names the first schedule it did not report."""
     cmd = [sys.executable, "-m", "livekit_safeclose.testing.fuzz.engine", str(n), str(seed), str(jobs)]
     procs = [
         subprocess.Popen([*cmd, str(w), "layer" if patched else "vanilla"], stdout=subprocess.PIPE, text=True,
@@ -283,6 +302,8 @@ def _run_workers(
     for p in procs:
         assert p.stdout is not None
         sel.register(p.stdout, selectors.EVENT_READ)
+    worker_of = {p.stdout: w for w, p in enumerate(procs)}
+    reported = [0] * jobs
     live = len(procs)
     while live:
         for key, _ in sel.select():
@@ -292,9 +313,21 @@ def _run_workers(
                 live -= 1
                 continue
             data = json.loads(line)
+            if data["i"] >= 0:
+                reported[worker_of[key.fileobj]] += 1  # type: ignore[index]
             on_result(data["i"], _verdict(data))
-    for p in procs:
-        p.wait()
+    errors = []
+    for w, p in enumerate(procs):
+        rc = p.wait()
+        expected = len(range(w, n, jobs))
+        if reported[w] < expected:
+            errors.append(
+                f"worker {w} exited with code {rc} after {reported[w]} of its {expected} schedules: "
+                f"{expected - reported[w]} did not run (#{w + reported[w] * jobs}, then every {jobs} on)"
+            )
+        elif rc != 0:
+            errors.append(f"worker {w} exited with code {rc} after all its {expected} schedules")
+    return errors
 
 
 def _verdict(data: dict[str, Any]) -> Verdict:
@@ -337,6 +370,7 @@ def describe(summary: Summary) -> str:
         f"{d['schedules']} schedules (seed {summary.seed}, {d['mode']}) in {d['seconds']} s: "
         f"{d['schedules_per_second']} schedules/s, slowest {d['slowest_schedule_s']} s",
         f"{len(summary.failed)} failed, {len(summary.unconfirmed)} unconfirmed (failed once, passed on a re-run)",
+        *(f"HARNESS ERROR: {e}" for e in summary.harness_errors),
     ]
     for f in summary.failures:
         state = "FAILED" if f.confirmed else "unconfirmed"

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -159,11 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)  # the runs' own warnings (forced closes) stay out
     if out.get("install", {}).get("ok", True):
         ids = verdicts.select(args.scenarios)[args.shard :: args.shards]
-        out["scenarios"] = asyncio.run(run_shard(ids))
+        # no loop teardown (asyncio.run's): it cancels every task a run left, and a vanilla
+        # await cycle (a tool closing its own activity) makes Task.cancel() recurse until
+        # RecursionError, after the scenario already counted what was left
+        out["scenarios"] = asyncio.new_event_loop().run_until_complete(run_shard(ids))
     out["wall_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(out), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # what the runs left (zombies, a vanilla cycle) is not torn down either

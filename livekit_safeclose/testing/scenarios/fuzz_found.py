@@ -250,6 +250,23 @@ FUZZ_FOUND: tuple[FuzzFound, ...] = (
         "The layer disarmed again only after tasks not yet done; a done task's disarm now "
         "runs behind its queued callbacks.",
     ),
+    FuzzFound(
+        "fuzz-agent-task-tool-closes-own-activity",
+        "a tool awaits an AgentTask; a handoff meanwhile; then the close",
+        Schedule(FuzzSetup(), (Step("started"), Step("user", "talk+tool:task"),
+                               Step("user", "talk+tool:handoff"), Step("wait", 300))),
+        vanilla_hangs=False,
+        vanilla_leaks=True,
+        description="Fuzz seed 11 #1260, which had killed its fuzz worker (Task.cancel() "
+        "recursing around the await cycle it left, in the cleanup). The agent changed while "
+        "the AgentTask ran, so upstream closes the paused activity from inside the tool that "
+        "awaited the task; that close's tool drain then waits for the same, non-cancellable "
+        "tool: a self-await. The tool, its speech and their tasks outlived every close. The "
+        "layer takes a tool that closes its own activity out of the executor's registry "
+        "first, as a drain's blocked tasks are. The shrunk form started with wait(0) and closed "
+        "50 ms in: on a loaded machine the close then came before the tool ran (8/8 with this "
+        "form under load, 0/6 with that one).",
+    ),
 )  # fmt: skip
 
 

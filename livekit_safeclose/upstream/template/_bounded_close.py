@@ -169,6 +169,9 @@ async def close_activity(activity: Any, unbounded: Unbounded) -> None:
     the close is bounded, and a model close that waits on its provider has its streams
     stopped."""
     session = activity._session
+    # closed from inside one of its own tools (an AgentTask's end after a handoff): that
+    # tool's drain would wait for itself
+    _tasks.forget_tools(activity, {t for t in [asyncio.current_task()] if t is not None})
     close = _closing_of(session)
     if close is None or activity._closed:
         await unbounded()
