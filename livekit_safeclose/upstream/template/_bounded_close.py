@@ -165,13 +165,10 @@ async def drain_activity(activity: Any, unbounded: Unbounded, **kwargs: Any) -> 
 
 
 async def close_activity(activity: Any, unbounded: Unbounded) -> None:
-    """``AgentActivity.aclose``: when the close is forced, every tool is cancelled first,
-    the close is bounded, and a model close that waits on its provider has its streams
-    stopped."""
+    """``AgentActivity.aclose``: when the close is forced, every tool is cancelled first, the close is
+    bounded, and a model close that waits on its provider has its streams stopped."""
     session = activity._session
-    # closed from inside one of its own tools (an AgentTask's end after a handoff): that
-    # tool's drain would wait for itself
-    _tasks.forget_tools(activity, {t for t in [asyncio.current_task()] if t is not None})
+    _tasks.spare_own_tool(activity)
     close = _closing_of(session)
     if close is None or activity._closed:
         await unbounded()

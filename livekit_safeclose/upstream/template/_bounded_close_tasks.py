@@ -79,6 +79,14 @@ def forget_tools(activity: Any, tasks: set[asyncio.Task[Any]]) -> None:
             running.pop(call_id, None)
 
 
+def spare_own_tool(activity: Any) -> None:
+    """An activity closed from inside one of its own tools (an ``AgentTask`` ending after a
+    handoff closes the activity it paused): its tool drain must not wait for that tool."""
+    me = asyncio.current_task()
+    if me is not None:
+        forget_tools(activity, {me})
+
+
 def unsettled(activity: Any) -> list[asyncio.Task[Any]]:
     return [t for t in list(activity._speech_tasks) + tool_tasks(activity) if not t.done()]
 
