@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import toolsets
-from .adapters import close_recognition, forget_tool_tasks, handoff_parts, tool_tasks
+from .adapters import close_recognition, end_speech, forget_tool_tasks, handoff_parts, tool_tasks
 from .bounded_close import MODEL_CLOSE_ALLOWANCE, UNWIND_GRACE, BoundedClose, closing_of
 from .ownership import note_handed_over, outputs_of, sinks_held_by
 from .report import StepOutcome
@@ -83,13 +83,7 @@ def quarantine(close: BoundedClose, activity: Any) -> None:
     forget_tool_tasks(activity, close.zombies)
     for task in stuck:
         info = _get_activity_task_info(task)
-        handle = info.speech_handle if info is not None else None
-        if handle is not None and not handle.done():
-            # interrupted first, as upstream's timeout finds it: a tool reply the zombie's
-            # speech still creates on this handle then ends at once instead of waiting for
-            # an authorization that never comes (interrupt() ignores a done handle)
-            handle.interrupt(force=True)
-            handle._mark_done()
+        end_speech(info.speech_handle if info is not None else None)
 
 
 def spare_waiters(close: BoundedClose, activity: Any) -> None:
@@ -116,10 +110,12 @@ def spare_own_tool(activity: Any) -> None:
 
     info = _get_activity_task_info(me)
     handle = info.speech_handle if info is not None and info.function_call is not None else None
-    if handle is not None and not handle.done() and handle.allow_interruptions:
-        if handle in getattr(activity, "_background_speeches", ()):
-            handle.interrupt()
-            handle._mark_done()
+    if (
+        handle is not None
+        and handle.allow_interruptions
+        and handle in getattr(activity, "_background_speeches", ())
+    ):
+        end_speech(handle)
 
 
 def _outcome(fut: asyncio.Future[Any]) -> tuple[StepOutcome, str]:

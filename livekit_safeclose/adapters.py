@@ -84,6 +84,16 @@ def forget_tool_tasks(activity: Any, tasks: set[Any] | Any) -> None:
             executor._running_tasks.pop(call_id, None)
 
 
+def end_speech(handle: Any) -> None:
+    """Interrupt ``handle`` and mark it done, as upstream's interruption timeout does, for a
+    speech that can only end after the close (or never): the close's waits on it end, and a
+    tool reply still made on it ends at once instead of waiting for an authorization that
+    never comes (``interrupt()`` ignores a done handle, so the interruption comes first)."""
+    if handle is not None and not handle.done():
+        handle.interrupt(force=True)
+        handle._mark_done()
+
+
 def add_drain_blocked(activity: Any, tasks: list[asyncio.Task[Any]]) -> None:
     """Upstream's drain-blocked set: ``drain()`` does not wait for these tasks."""
     if compat.shape("drain_blocked") == "set":

@@ -28,7 +28,7 @@ from . import options as options_mod
 from . import patching
 from . import streams as streams_mod
 from .activity import force, settle_drain_phase
-from .adapters import add_drain_blocked, start_tasks, transcript_timeout
+from .adapters import add_drain_blocked, end_speech, start_tasks, transcript_timeout
 from .bounded_close import CLOSE_ATTR, BoundedClose, closing_of
 from .completion import disarm_when_done, finish, finish_now
 from .locks import free_within
@@ -240,10 +240,7 @@ def _exempt_caller(session: Any, close: BoundedClose, me: asyncio.Task[Any] | No
     # its speech can only end after the close: interrupted (as the close would) and, for the
     # close's own waits on it, done, as upstream's interruption timeout would mark it
     info = _get_activity_task_info(me)
-    handle = info.speech_handle if info is not None else None
-    if handle is not None and not handle.done():
-        handle.interrupt(force=True)
-        handle._mark_done()
+    end_speech(info.speech_handle if info is not None else None)
 
 
 def _disarm_after(session: Any, me: asyncio.Task[Any]) -> None:
